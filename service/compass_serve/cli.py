@@ -1,0 +1,165 @@
+"""`compass-serve` command line: encode, decode, info, models, train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from compass_serve.codec import bitstream as bs
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers: {text!r}") from exc
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from exc
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from compass_serve.codec.coder import Codec
+    from compass_serve.imageio import load_rgb
+
+    codec = Codec.load(args.model)
+    image = load_rgb(args.input)
+    data = codec.encode(image, widths=args.widths, scales=args.scales, quality=args.quality)
+    Path(args.output).write_bytes(data)
+    header = bs.parse_header(data)
+    layers = " -> ".join(f"{e.width}x{e.height}" for e in header.table)
+    print(f"{args.output}: {len(data)} bytes, {layers}, quality {header.quality:g}")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from compass_serve.codec.coder import Codec
+
+    data = Path(args.input).read_bytes()
+    header = bs.parse_header(data)
+    codec = Codec.load(args.model or header.model)
+    out = codec.decode(data, width=args.width, layer=args.layer)
+    out.image.save(args.output)
+    print(f"{args.output}: {out.image.width}x{out.image.height}, {out.note}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    data = Path(args.input).read_bytes()
+    stream = bs.Bitstream.parse(data, verify=True)
+    h = stream.header
+    if args.json:
+        d = h.to_json()
+        print(json.dumps({k: d[k] for k in ("width", "height", "quality", "model", "layers")}
+                         | {"weights_id": d["weights_id"], "header_length": h.size}, indent=2))
+        return 0
+    print(f"{args.input}: {len(data)} bytes, {h.width}x{h.height}, model {h.model} "
+          f"(weights {h.weights_id.hex()}), quality {h.quality:g}, header {h.size} bytes")
+    print(f"{'layer':>5} {'size':>11} {'offset':>9} {'length':>9} {'share':>6}  crc32")
+    for i, e in enumerate(h.table):
+        print(f"{i:>5} {f'{e.width}x{e.height}':>11} {e.offset:>9} {e.length:>9} "
+              f"{e.length / len(data):>6.1%}  {e.crc32:08x}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from compass_serve.codec.registry import list_models
+
+    models = list_models()
+    if args.json:
+        print(json.dumps([{"name": m.name, "preset": m.preset, "qualities": m.qualities,
+                           "sha256": m.sha256, "weights_id": m.weights_id.hex(),
+                           "file": m.path.name} for m in models], indent=2))
+        return 0
+    if not models:
+        print("no models in the model store")
+        return 1
+    for m in models:
+        print(f"{m.name:10} preset={m.preset:6} qualities=1..{m.qualities} "
+              f"sha256={m.sha256[:16]}... ({m.path.name})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from compass_serve.training.train import TrainArgs, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for stage in args.stage:
+        train(TrainArgs(
+            stage=stage, preset=args.preset, data=args.data, out=args.out, minutes=args.minutes,
+            lr=args.lr, batch=args.batch, crop=args.crop, seed=args.seed, device=args.device,
+            threads=args.threads, resume=not args.fresh,
+        ))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compass-serve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("encode", help="encode an image into a multi-layer .cmp stream")
+    e.add_argument("input")
+    e.add_argument("output")
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("--scales", type=_floats, help="layer scales, e.g. 0.25,0.5,1")
+    g.add_argument("--widths", type=_ints, help="layer widths in pixels, e.g. 192,384,768")
+    e.add_argument("--quality", type=float, default=None, help="1..Q, fractional allowed")
+    e.add_argument("--model", default="lite")
+    e.set_defaults(func=cmd_encode)
+
+    d = sub.add_parser("decode", help="decode a .cmp stream (or any prefix of one) to an image")
+    d.add_argument("input")
+    d.add_argument("-o", "--output", required=True)
+    g = d.add_mutually_exclusive_group()
+    g.add_argument("--width", type=int, help="output width (any; aspect kept)")
+    g.add_argument("--layer", type=int, help="decode this coded layer (0 = base)")
+    d.add_argument("--model", default=None, help="default: the model named in the stream")
+    d.set_defaults(func=cmd_decode)
+
+    i = sub.add_parser("info", help="print a stream's layer table")
+    i.add_argument("input")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    m = sub.add_parser("models", help="list the shipped models")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("train", help="train a model (staged, resumable)")
+    t.add_argument("--stage", nargs="+", default=["backbone", "liff", "joint"],
+                   choices=["backbone", "liff", "residual", "joint"])
+    t.add_argument("--preset", default="lite")
+    t.add_argument("--data", default="../shared/data/train")
+    t.add_argument("--out", default="runs/lite")
+    t.add_argument("--minutes", type=float, default=30.0, help="time budget per stage")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--crop", type=int, default=192)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    t.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, LookupError, OSError) as exc:
+        # Every user-facing failure (bad image, bad stream, wrong model, bad ladder) is a
+        # ValueError/LookupError subclass with a readable message: print it, no traceback.
+        print(f"compass-serve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

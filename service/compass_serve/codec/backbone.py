@@ -1,0 +1,249 @@
+"""Transform codecs used as the image codec (IC, base layer) and the residual codec (RC).
+
+Both follow CompressAI's hyperprior models (Balle et al. 2018, Minnen et al. 2018) with three
+changes this project needs:
+- layer-wise padding (any H x W, no multiple-of-64 padding);
+- no clamping anywhere: the RC reconstructs signed residuals;
+- variable rate through per-quality gain vectors on the latent (Cui et al., "Asymmetric gained
+  deep image compression"), so one set of weights serves a continuous quality knob; quality q in
+  [1, Q] interpolates neighbouring gain vectors geometrically.
+The mean-scale hyper-synthesis runs on an exact integer-like grid at coding time, so the
+entropy coder's CDF indices are the same on every machine (see `layers.exact_conv`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+from compressai.layers import GDN
+from torch import nn
+
+from compass_serve.codec.layers import Analysis, Size, Synthesis, exact_conv, halvings
+
+# CompressAI's scale table: 64 log-spaced scales from 0.11 to 256.
+SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
+
+
+def scale_table() -> list[float]:
+    return torch.exp(
+        torch.linspace(math.log(SCALES_MIN), math.log(SCALES_MAX), SCALES_LEVELS)
+    ).tolist()
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    n: int = 64                      # transform channels
+    m: int = 96                      # latent channels
+    in_channels: int = 3
+    qualities: int = 4               # number of trained gain vectors (quality 1..qualities)
+    entropy: str = "hyperprior"      # "hyperprior" (mean-scale) or "factorized"
+
+
+@dataclass
+class Coded:
+    """Result of coding one image with a backbone."""
+
+    strings: list[bytes]
+    x_hat: torch.Tensor
+
+
+class Backbone(nn.Module):
+    """Analysis/synthesis transforms and per-quality gains; entropy model in subclasses."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n, m, c = cfg.n, cfg.m, cfg.in_channels
+        self.g_a = Analysis([c, n, n, n, m], GDN)
+        self.g_s = Synthesis([m, n, n, n, c], GDN)
+        # Gains start spread so that quality levels begin at different rates.
+        spread = torch.linspace(-1.0, 1.0, cfg.qualities)[:, None].expand(cfg.qualities, m)
+        self.log_gain = nn.Parameter(spread.clone())
+        self.log_inv_gain = nn.Parameter(-spread.clone())
+
+    # -- gains ------------------------------------------------------------------------------------
+    def _gain(self, table: torch.Tensor, quality: torch.Tensor | float) -> torch.Tensor:
+        """Gains [B, M, 1, 1]: an int tensor picks trained levels (0-based), a float is q (1..Q)."""
+        if isinstance(quality, torch.Tensor):
+            return table[quality].exp()[:, :, None, None]
+        q = min(max(float(quality), 1.0), float(self.cfg.qualities)) - 1.0
+        lo = min(math.floor(q), self.cfg.qualities - 1)
+        hi = min(lo + 1, self.cfg.qualities - 1)
+        t = q - lo
+        return ((1 - t) * table[lo] + t * table[hi]).exp()[None, :, None, None]
+
+    def gain(self, quality: torch.Tensor | float) -> torch.Tensor:
+        return self._gain(self.log_gain, quality)
+
+    def inv_gain(self, quality: torch.Tensor | float) -> torch.Tensor:
+        return self._gain(self.log_inv_gain, quality)
+
+    @staticmethod
+    def latent_sizes(size: Size) -> list[Size]:
+        return halvings(size[0], size[1], 4)
+
+    def synthesize(self, y_hat: torch.Tensor, size: Size) -> torch.Tensor:
+        sizes = self.latent_sizes(size)
+        return self.g_s(y_hat, sizes[::-1][1:])
+
+    def aux_loss(self) -> torch.Tensor:
+        return sum(m.loss() for m in self.modules() if isinstance(m, EntropyBottleneck))
+
+    def update(self, force: bool = True) -> None:
+        """Refresh the entropy coder's CDF tables (must run before saving weights for coding)."""
+        for m in self.modules():
+            if isinstance(m, EntropyBottleneck):
+                m.update(force=force)
+            elif isinstance(m, GaussianConditional):
+                m.update_scale_table(scale_table(), force=force)
+
+    def forward(self, x: torch.Tensor, quality: torch.Tensor) -> dict[str, object]:
+        raise NotImplementedError
+
+    def compress(self, x: torch.Tensor, quality: float) -> Coded:
+        raise NotImplementedError
+
+    def decompress(self, strings: list[bytes], size: Size, quality: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _ste_round(x: torch.Tensor, means: torch.Tensor | None) -> torch.Tensor:
+    """Rounding with a straight-through gradient (decoder input during training)."""
+    if means is None:
+        return x + (torch.round(x) - x).detach()
+    return means + (torch.round(x - means) - (x - means)).detach() + (x - means)
+
+
+class HyperSynthesis(nn.Module):
+    """h_s of the mean-scale hyperprior; `exact=True` evaluates it on the reproducible grid."""
+
+    def __init__(self, n: int, m: int) -> None:
+        super().__init__()
+        mid = m * 3 // 2
+        self.up1 = nn.ConvTranspose2d(n, m, 5, stride=2, padding=2, output_padding=1)
+        self.up2 = nn.ConvTranspose2d(m, mid, 5, stride=2, padding=2, output_padding=1)
+        self.out = nn.Conv2d(mid, 2 * m, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, sizes: list[Size], exact: bool = False) -> torch.Tensor:
+        (h1, w1), (h0, w0) = sizes
+        if exact:
+            x = exact_conv(self.up1, z)[..., :h1, :w1].clamp_min(0)
+            x = exact_conv(self.up2, x)[..., :h0, :w0].clamp_min(0)
+            return exact_conv(self.out, x).float()
+        x = torch.relu(self.up1(z)[..., :h1, :w1])
+        x = torch.relu(self.up2(x)[..., :h0, :w0])
+        return self.out(x)
+
+
+class HyperpriorBackbone(Backbone):
+    """Mean-scale hyperprior backbone (CompressAI's "mbt2018-mean" structure)."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__(cfg)
+        n, m = cfg.n, cfg.m
+        self.h_a = nn.Sequential(
+            nn.Conv2d(m, n, 3, padding=1),
+            nn.ReLU(),
+            Analysis([n, n, n], nn.ReLU),
+        )
+        self.h_s = HyperSynthesis(n, m)
+        self.entropy_bottleneck = EntropyBottleneck(n)
+        self.gaussian_conditional = GaussianConditional(None)
+
+    @staticmethod
+    def hyper_sizes(size: Size) -> list[Size]:
+        latent = Backbone.latent_sizes(size)[-1]
+        return halvings(latent[0], latent[1], 2)
+
+    def _entropy_params(
+        self, z_hat: torch.Tensor, size: Size, exact: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hs = self.hyper_sizes(size)
+        params = self.h_s(z_hat, [hs[1], hs[0]], exact=exact).to(z_hat.device)
+        scales, means = params.chunk(2, 1)
+        return scales, means
+
+    def forward(self, x: torch.Tensor, quality: torch.Tensor) -> dict[str, object]:
+        size = (x.shape[-2], x.shape[-1])
+        y = self.g_a(x) * self.gain(quality)
+        z = self.h_a(y)
+        z_hat, z_lik = self.entropy_bottleneck(z)
+        scales, means = self._entropy_params(z_hat, size, exact=False)
+        _, y_lik = self.gaussian_conditional(y, scales, means)
+        y_hat = _ste_round(y, means) if self.training else torch.round(y - means) + means
+        x_hat = self.synthesize(y_hat * self.inv_gain(quality), size)
+        return {"x_hat": x_hat, "likelihoods": {"y": y_lik, "z": z_lik}}
+
+    @torch.no_grad()
+    def compress(self, x: torch.Tensor, quality: float) -> Coded:
+        size = (x.shape[-2], x.shape[-1])
+        y = self.g_a(x) * self.gain(quality)
+        z = self.h_a(y)
+        z_strings = self.entropy_bottleneck.compress(z)
+        z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+        scales, means = self._entropy_params(z_hat, size, exact=True)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        y_strings = self.gaussian_conditional.compress(y, indexes, means)
+        y_hat = torch.round(y - means) + means
+        x_hat = self.synthesize(y_hat * self.inv_gain(quality), size)
+        return Coded([z_strings[0], y_strings[0]], x_hat)
+
+    @torch.no_grad()
+    def decompress(self, strings: list[bytes], size: Size, quality: float) -> torch.Tensor:
+        if len(strings) != 2:
+            raise ValueError(f"hyperprior layer needs 2 entropy-coded strings, got {len(strings)}")
+        z_size = self.hyper_sizes(size)[-1]
+        z_hat = self.entropy_bottleneck.decompress([strings[0]], z_size).to(self.log_gain.device)
+        scales, means = self._entropy_params(z_hat, size, exact=True)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        y_hat = self.gaussian_conditional.decompress([strings[1]], indexes, means=means)
+        return self.synthesize(y_hat * self.inv_gain(quality), size)
+
+
+class FactorizedBackbone(Backbone):
+    """Factorized-prior backbone (Balle et al. 2017): the latent coded with a fixed density."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__(cfg)
+        self.entropy_bottleneck = EntropyBottleneck(cfg.m)
+
+    def forward(self, x: torch.Tensor, quality: torch.Tensor) -> dict[str, object]:
+        size = (x.shape[-2], x.shape[-1])
+        y = self.g_a(x) * self.gain(quality)
+        y_noisy, y_lik = self.entropy_bottleneck(y)
+        if self.training:
+            medians = self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
+            y_hat = _ste_round(y, medians)
+        else:
+            y_hat = y_noisy
+        x_hat = self.synthesize(y_hat * self.inv_gain(quality), size)
+        return {"x_hat": x_hat, "likelihoods": {"y": y_lik}}
+
+    @torch.no_grad()
+    def compress(self, x: torch.Tensor, quality: float) -> Coded:
+        size = (x.shape[-2], x.shape[-1])
+        y = (self.g_a(x) * self.gain(quality)).cpu()
+        strings = self.entropy_bottleneck.compress(y)
+        y_hat = self.entropy_bottleneck.decompress(strings, y.shape[-2:])
+        x_hat = self.synthesize(y_hat.to(x.device) * self.inv_gain(quality), size)
+        return Coded([strings[0]], x_hat)
+
+    @torch.no_grad()
+    def decompress(self, strings: list[bytes], size: Size, quality: float) -> torch.Tensor:
+        if len(strings) != 1:
+            raise ValueError(f"factorized layer needs 1 entropy-coded string, got {len(strings)}")
+        y_size = self.latent_sizes(size)[-1]
+        y_hat = self.entropy_bottleneck.decompress([strings[0]], y_size)
+        device = self.log_gain.device
+        return self.synthesize(y_hat.to(device) * self.inv_gain(quality), size)
+
+
+def build_backbone(cfg: BackboneConfig) -> Backbone:
+    if cfg.entropy == "hyperprior":
+        return HyperpriorBackbone(cfg)
+    if cfg.entropy == "factorized":
+        return FactorizedBackbone(cfg)
+    raise ValueError(f"unknown entropy model {cfg.entropy!r} (hyperprior or factorized)")

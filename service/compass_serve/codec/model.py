@@ -1,0 +1,140 @@
+"""The COMPASS model: one base layer and ONE enhancement layer applied recursively.
+
+    layer 0:  X0 = IC(I0)
+    layer k:  P_k = LIFF(X_{k-1}, size of I_k),   X_k = P_k + RC(I_k - P_k)
+
+Reconstructions are never clamped inside the chain (clamping would destroy negative
+residuals); callers clamp for display and PSNR only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compass_serve.codec.backbone import Backbone, BackboneConfig, build_backbone
+from compass_serve.codec.layers import Size
+from compass_serve.codec.liff import Liff, LiffConfig
+
+# Rate-distortion trade-offs of the trained quality levels (CompressAI's qualities 1-4, which the
+# paper uses); quality q in [1, len] interpolates between them.
+DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.013)
+
+
+@dataclass(frozen=True)
+class CompassConfig:
+    base: BackboneConfig = field(default_factory=BackboneConfig)
+    residual: BackboneConfig = field(default_factory=BackboneConfig)
+    liff: LiffConfig = field(default_factory=LiffConfig)
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    predictor: str = "liff"  # "liff" or "bicubic" (the ablation's inter-layer predictor)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CompassConfig:
+        return cls(
+            base=BackboneConfig(**d["base"]),
+            residual=BackboneConfig(**d["residual"]),
+            liff=LiffConfig(**d["liff"]),
+            lambdas=tuple(d["lambdas"]),
+            predictor=d.get("predictor", "liff"),
+        )
+
+
+class BaseLayer(nn.Module):
+    """Layer 0: the image codec (IC) on the smallest image."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.codec: Backbone = build_backbone(cfg)
+
+    def forward(self, image: torch.Tensor, quality: torch.Tensor) -> dict[str, object]:
+        return self.codec(image, quality)
+
+
+class EnhancementLayer(nn.Module):
+    """Layer k >= 1: LIFF prediction from the layer below plus the residual codec (RC)."""
+
+    def __init__(self, cfg: CompassConfig) -> None:
+        super().__init__()
+        self.predictor = cfg.predictor
+        self.liff = Liff(cfg.liff)
+        self.residual = build_backbone(cfg.residual)
+
+    def predict(self, lower: torch.Tensor, size: Size) -> torch.Tensor:
+        if self.predictor == "bicubic":
+            return F.interpolate(lower, size=size, mode="bicubic", align_corners=False)
+        return self.liff(lower, size)
+
+    def forward(
+        self, lower: torch.Tensor, image: torch.Tensor, quality: torch.Tensor
+    ) -> dict[str, object]:
+        pred = self.predict(lower, (image.shape[-2], image.shape[-1]))
+        out = self.residual(image - pred, quality)
+        return {
+            "x_hat": pred + out["x_hat"],
+            "prediction": pred,
+            "likelihoods": out["likelihoods"],
+        }
+
+
+class Compass(nn.Module):
+    def __init__(self, cfg: CompassConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.base = BaseLayer(cfg.base)
+        self.enhancement = EnhancementLayer(cfg)
+
+    @property
+    def qualities(self) -> int:
+        return len(self.cfg.lambdas)
+
+    def forward(self, images: list[torch.Tensor], quality: torch.Tensor) -> list[dict[str, object]]:
+        """Training pass over a layer chain (smallest first) with noisy quantisation."""
+        outs = [self.base(images[0], quality)]
+        for image in images[1:]:
+            outs.append(self.enhancement(outs[-1]["x_hat"], image, quality))
+        return outs
+
+    # -- real coding --------------------------------------------------------------------------
+    @torch.no_grad()
+    def compress(self, images: list[torch.Tensor], quality: float) -> list[list[bytes]]:
+        """Entropy-code a layer chain; each layer is predicted from the DECODED layer below."""
+        coded = self.base.codec.compress(images[0], quality)
+        strings, x_prev = [coded.strings], coded.x_hat
+        for image in images[1:]:
+            pred = self.enhancement.predict(x_prev, (image.shape[-2], image.shape[-1]))
+            coded = self.enhancement.residual.compress(image - pred, quality)
+            strings.append(coded.strings)
+            x_prev = pred + coded.x_hat
+        return strings
+
+    @torch.no_grad()
+    def decompress(
+        self, strings: list[list[bytes]], sizes: list[Size], quality: float
+    ) -> list[torch.Tensor]:
+        """Decode layers 0..len(strings)-1; returns every layer's (unclamped) reconstruction."""
+        x = self.base.codec.decompress(strings[0], sizes[0], quality)
+        recons = [x]
+        for s, size in zip(strings[1:], sizes[1:], strict=True):
+            pred = self.enhancement.predict(x, size)
+            x = pred + self.enhancement.residual.decompress(s, size, quality)
+            recons.append(x)
+        return recons
+
+    @torch.no_grad()
+    def upscale(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        """Predict a layer larger than any coded one (no residual): LIFF from the top layer."""
+        return self.enhancement.predict(x, size)
+
+    def update(self) -> None:
+        self.base.codec.update()
+        self.enhancement.residual.update()
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.base.codec.aux_loss() + self.enhancement.residual.aux_loss()

@@ -1,0 +1,164 @@
+"""Model registry: the one place that knows presets, weight files and manifests.
+
+`model_store/<name>.safetensors` holds the weights (safetensors: no pickle), and
+`model_store/<name>.json` the manifest: preset, config, qualities, training record, data,
+sha256 of the weights and the evaluation figures they produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compass_serve.codec.backbone import BackboneConfig
+from compass_serve.codec.liff import LiffConfig
+from compass_serve.codec.model import Compass, CompassConfig
+
+PRESETS: dict[str, CompassConfig] = {
+    # Sized for serving on a 2-core CPU: ~1.8 M parameters per transform codec, a light LIFF.
+    "lite": CompassConfig(
+        base=BackboneConfig(n=64, m=96),
+        residual=BackboneConfig(n=64, m=96),
+        liff=LiffConfig(features=32, blocks=2, convs=3, growth=16, hidden=64, depth=3),
+    ),
+    # The paper's sizes: mbt2018-mean N=128, M=192; RDN 64 ch, 4x4 convs, growth 32; MLP 4x256.
+    "paper": CompassConfig(
+        base=BackboneConfig(n=128, m=192),
+        residual=BackboneConfig(n=128, m=192),
+        liff=LiffConfig(features=64, blocks=4, convs=4, growth=32, hidden=256, depth=4,
+                        chunk_pixels=16384),
+    ),
+    # Random-weight unit tests only: same structure, a few thousand parameters.
+    "tiny": CompassConfig(
+        base=BackboneConfig(n=16, m=24),
+        residual=BackboneConfig(n=16, m=24),
+        liff=LiffConfig(features=8, blocks=1, convs=2, growth=8, hidden=16, depth=2),
+    ),
+}
+
+
+def default_store() -> Path:
+    """`COMPASS_MODEL_STORE`, else the repository's `model_store/` next to `service/`."""
+    env = os.environ.get("COMPASS_MODEL_STORE")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "model_store"
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    preset: str
+    qualities: int
+    sha256: str
+    path: Path
+    manifest: dict
+
+    @property
+    def weights_id(self) -> bytes:
+        """8 bytes that the bitstream carries to pair a stream with these exact weights."""
+        return bytes.fromhex(self.sha256)[:8]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def list_models(store: Path | None = None) -> list[ModelInfo]:
+    store = store or default_store()
+    out = []
+    for man in sorted(store.glob("*.json")):
+        d = json.loads(man.read_text())
+        if "weights" not in d:
+            continue
+        out.append(ModelInfo(
+            name=d["name"], preset=d["preset"], qualities=len(d["config"]["lambdas"]),
+            sha256=d["weights"]["sha256"], path=store / d["weights"]["file"], manifest=d,
+        ))
+    return out
+
+
+def model_info(name: str, store: Path | None = None) -> ModelInfo:
+    for info in list_models(store):
+        if info.name == name:
+            return info
+    names = ", ".join(i.name for i in list_models(store)) or "none"
+    raise ModelNotFound(f"model {name!r} is not in the model store (available: {names})")
+
+
+def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load weights, resizing the entropy models' CDF buffers (empty until `update()`)."""
+    own = dict(model.named_buffers())
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            mod_name, _, buf = key.rpartition(".")
+            model.get_submodule(mod_name).register_buffer(buf, torch.empty_like(value))
+    model.load_state_dict(state)
+
+
+def build(config: CompassConfig | dict, state: dict[str, torch.Tensor] | None = None) -> Compass:
+    cfg = config if isinstance(config, CompassConfig) else CompassConfig.from_dict(config)
+    model = Compass(cfg)
+    if state is not None:
+        load_state(model, state)
+    return model.eval()
+
+
+@lru_cache(maxsize=4)
+def _load_cached(path: str, sha256: str, config_json: str) -> Compass:
+    p = Path(path)
+    actual = sha256_file(p)
+    if actual != sha256:
+        raise ValueError(f"{p.name}: sha256 {actual[:12]}... does not match the manifest")
+    model = build(json.loads(config_json), load_file(str(p)))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def load_model(name: str, store: Path | None = None) -> tuple[Compass, ModelInfo]:
+    """Load a shipped model by name (cached per process; weights verified against the manifest)."""
+    info = model_info(name, store)
+    model = _load_cached(str(info.path), info.sha256, json.dumps(info.manifest["config"]))
+    return model, info
+
+
+def save_model(
+    model: Compass, name: str, preset: str, store: Path | None = None, **manifest: object
+) -> ModelInfo:
+    """Write `<name>.safetensors` (CDF tables refreshed) and its manifest into a model store."""
+    store = store or default_store()
+    store.mkdir(parents=True, exist_ok=True)
+    model.update()
+    weights = store / f"{name}.safetensors"
+    save_file(state_dict_for_save(model), str(weights), metadata={"name": name, "preset": preset})
+    doc = {
+        "name": name,
+        "preset": preset,
+        "config": model.cfg.to_dict(),
+        "weights": {"file": weights.name, "sha256": sha256_file(weights),
+                    "bytes": weights.stat().st_size},
+        **manifest,
+    }
+    (store / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    _load_cached.cache_clear()
+    return model_info(name, store)

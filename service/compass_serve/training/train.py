@@ -1,0 +1,319 @@
+"""Staged, resumable COMPASS training (`compass-serve train`).
+
+Stages (each runnable on its own, all sharing one run directory):
+  backbone  the single-layer image codec (base layer, and the single-layer/simulcast anchor)
+  liff      LIFF pre-training: predict layer k from the DECODED layer k-1 (base layer frozen)
+  residual  the residual codec on LIFF's residuals (LIFF frozen); starts from the backbone
+  joint     LIFF + RC together on the sum of the enhancement layers' RD losses (BL frozen)
+Each stage has a time budget; the learning rate holds, then decays by cosine over the last
+40% of it (a constant rate plateaus on this hardware). Variable rate: every sample draws one
+of the model's quality levels and its lambda.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from compass_serve.codec.model import Compass
+from compass_serve.codec.registry import PRESETS, load_state, state_dict_for_save
+from compass_serve.training.data import CropSampler, list_images, load_all, resize, split_holdout
+
+log = logging.getLogger(__name__)
+STAGES = ("backbone", "liff", "residual", "joint")
+
+
+@dataclass
+class TrainArgs:
+    stage: str
+    preset: str = "lite"
+    data: str = "../shared/data/train"
+    out: str = "runs/lite"
+    minutes: float = 30.0
+    lr: float = 1e-3
+    batch: int = 8
+    crop: int = 192
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    checkpoint_minutes: float = 5.0
+    val_minutes: float = 5.0
+    resume: bool = True
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def bits(likelihoods: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Estimated bits per sample from the entropy models' likelihoods."""
+    return sum(-torch.log2(lik).flatten(1).sum(1) for lik in likelihoods.values())
+
+
+def mse_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(a, b, reduction="none").flatten(1).mean(1)
+
+
+def psnr(mse: torch.Tensor) -> torch.Tensor:
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+class Trainer:
+    def __init__(self, args: TrainArgs) -> None:
+        if args.stage not in STAGES:
+            raise ValueError(f"unknown stage {args.stage!r}; choose from {', '.join(STAGES)}")
+        self.args = args
+        self.device = pick_device(args.device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cfg = PRESETS[args.preset]
+        self.model = Compass(self.cfg).to(self.device)
+        self.lambdas = torch.tensor(self.cfg.lambdas, device=self.device)
+        self.progress: dict[str, dict[str, float]] = {}
+        self._load()
+        train_paths, held = split_holdout(list_images(args.data))
+        self.sampler = CropSampler(load_all(train_paths, "train images"), args.seed + self.steps)
+        self.val_images = [
+            self._center(x) for x in load_all(held, "held-out images")
+        ]
+        self.params = self._stage_parameters()
+        self.opt = torch.optim.Adam(self.params, lr=args.lr)
+        eb = [p for n, p in self.model.named_parameters() if n.endswith("quantiles")]
+        self.aux_opt = torch.optim.Adam(eb, lr=1e-3)
+        opt_path = self.out / f"optimizer-{args.stage}.pt"
+        if args.resume and opt_path.exists():
+            st = torch.load(opt_path, map_location=self.device, weights_only=True)
+            self.opt.load_state_dict(st["opt"])
+            self.aux_opt.load_state_dict(st["aux"])
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def stage_state(self) -> dict[str, float]:
+        return self.progress.setdefault(self.args.stage, {"steps": 0, "seconds": 0.0})
+
+    @property
+    def steps(self) -> int:
+        return int(self.stage_state["steps"])
+
+    def _load(self) -> None:
+        weights = self.out / "last.safetensors"
+        if self.args.resume and weights.exists():
+            load_state(self.model, load_file(str(weights), device=str(self.device)))
+            self.progress = json.loads((self.out / "progress.json").read_text())
+            log.info("resumed from %s: %s", weights, self.progress)
+        if self.args.stage in ("residual", "joint") and not self.progress.get("residual_init"):
+            # The RC starts from the trained backbone: both are transform codecs of the same shape.
+            rc = self.model.enhancement.residual
+            base = self.model.base.codec
+            if rc.cfg == base.cfg:
+                load_state(rc, base.state_dict())
+                log.info("residual codec initialised from the backbone")
+            self.progress["residual_init"] = True
+
+    def save(self, name: str = "last") -> None:
+        self.model.update()
+        save_file(state_dict_for_save(self.model), str(self.out / f"{name}.safetensors"))
+        (self.out / "progress.json").write_text(json.dumps(self.progress, indent=1))
+        torch.save({"opt": self.opt.state_dict(), "aux": self.aux_opt.state_dict()},
+                   self.out / f"optimizer-{self.args.stage}.pt")
+
+    def _stage_parameters(self) -> list[torch.nn.Parameter]:
+        m = self.model
+        train = {
+            "backbone": [m.base],
+            "liff": [m.enhancement.liff],
+            "residual": [m.enhancement.residual],
+            "joint": [m.enhancement],
+        }[self.args.stage]
+        for p in m.parameters():
+            p.requires_grad_(False)
+        params = []
+        for mod in train:
+            for n, p in mod.named_parameters():
+                p.requires_grad_(True)
+                if not n.endswith("quantiles"):
+                    params.append(p)
+        return params
+
+    def _center(self, x: torch.Tensor, side: int = 256) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        s = min(side, h, w)
+        y0, x0 = (h - s) // 2, (w - s) // 2
+        return x[None, :, y0 : y0 + s, x0 : x0 + s].float().div(255).to(self.device)
+
+    def lr_at(self, frac: float) -> float:
+        if frac < 0.6:
+            return self.args.lr
+        t = min(1.0, (frac - 0.6) / 0.4)
+        return self.args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _chain(self, crop: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        return [resize(crop, s).clamp(0, 1) for s in sizes]
+
+    def step(self) -> dict[str, float]:
+        a = self.args
+        m = self.model
+        q = torch.randint(0, len(self.cfg.lambdas), (a.batch,), device=self.device)
+        lam = self.lambdas[q]
+        if a.stage == "backbone":
+            x = self.sampler.batch(a.batch, a.crop).to(self.device)
+            m.base.train()
+            out = m.base(x, q)
+            bpp = bits(out["likelihoods"]) / (x.shape[-2] * x.shape[-1])
+            mse = mse_per_sample(out["x_hat"], x)
+            loss = (bpp + lam * 255**2 * mse).mean()
+        else:
+            crop = self.sampler.batch(a.batch, a.crop).to(self.device)
+            images = self._chain(crop, self.sampler.chain(a.crop))
+            m.base.eval()
+            with torch.no_grad():
+                lower = m.base(images[0], q)["x_hat"]
+            loss = torch.zeros((), device=self.device)
+            bpp = torch.zeros(a.batch, device=self.device)
+            m.enhancement.train()
+            for image in images[1:]:
+                size = (image.shape[-2], image.shape[-1])
+                if a.stage == "liff":
+                    pred = m.enhancement.predict(lower, size)
+                    mse = mse_per_sample(pred, image)
+                    loss = loss + (lam * 255**2 * mse).mean()
+                    lower = pred.detach()
+                    continue
+                if a.stage == "residual":
+                    with torch.no_grad():
+                        pred = m.enhancement.predict(lower, size)
+                    out = m.enhancement.residual(image - pred, q)
+                    x_hat = pred + out["x_hat"]
+                else:
+                    res = m.enhancement(lower, image, q)
+                    out, x_hat = res, res["x_hat"]
+                layer_bpp = bits(out["likelihoods"]) / (size[0] * size[1])
+                mse = mse_per_sample(x_hat, image)
+                loss = loss + (layer_bpp + lam * 255**2 * mse).mean()
+                bpp = bpp + layer_bpp.detach()
+                lower = x_hat
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        aux = m.aux_loss()
+        self.aux_opt.zero_grad(set_to_none=True)
+        if aux.requires_grad:
+            aux.backward()
+            self.aux_opt.step()
+        return {
+            "loss": float(loss.detach()),
+            "bpp": float(bpp.mean()),
+            "psnr": float(psnr(mse.detach()).mean()),
+        }
+
+    # -- validation (held-out slice of the training folder; never Kodak) ---------------------------
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        m = self.model.eval()
+        res: dict[str, float] = {}
+        total = 0.0
+        for qi, lam in enumerate(self.cfg.lambdas):
+            q = torch.tensor([qi], device=self.device)
+            bpps, psnrs = [], []
+            for x in self.val_images:
+                s = x.shape[-1]
+                if self.args.stage == "backbone":
+                    out = m.base(x, q)
+                    b = bits(out["likelihoods"]) / (s * s)
+                    mse = mse_per_sample(out["x_hat"].clamp(0, 1), x)
+                else:
+                    chain = self._chain(x, [(s // 4, s // 4), (s // 2, s // 2), (s, s)])
+                    outs = m(chain, q)
+                    b = sum(bits(o["likelihoods"]) for o in outs) / (s * s)
+                    mse = mse_per_sample(outs[-1]["x_hat"].clamp(0, 1), x)
+                bpps.append(float(b))
+                psnrs.append(float(psnr(mse)))
+            res[f"q{qi + 1}_bpp"] = float(np.mean(bpps))
+            res[f"q{qi + 1}_psnr"] = float(np.mean(psnrs))
+            total += res[f"q{qi + 1}_bpp"] + lam * 255**2 * float(
+                np.mean([10 ** (-p / 10) for p in psnrs])
+            )
+        res["val_loss"] = total / len(self.cfg.lambdas)
+        return res
+
+    # -- loop --------------------------------------------------------------------------------------
+    def run(self) -> None:
+        a = self.args
+        budget = a.minutes * 60
+        st = self.stage_state
+        log_path = self.out / "log.csv"
+        new_log = not log_path.exists()
+        fields = ["stage", "step", "hours", "lr", "loss", "bpp", "psnr"] + [
+            f"q{i + 1}_{k}" for i in range(len(self.cfg.lambdas)) for k in ("bpp", "psnr")
+        ] + ["val_loss"]
+        best = self.progress.get(f"best_{a.stage}", float("inf"))
+        with log_path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+            if new_log:
+                writer.writeheader()
+            bar = tqdm(total=int(budget), initial=int(st["seconds"]), unit="s",
+                       desc=f"{a.stage}", dynamic_ncols=True, mininterval=10)
+            last_ckpt = last_val = time.monotonic()
+            ema: dict[str, float] = {}
+            t_prev = time.monotonic()
+            while st["seconds"] < budget:
+                lr = self.lr_at(st["seconds"] / budget)
+                for g in self.opt.param_groups:
+                    g["lr"] = lr
+                stats = self.step()
+                now = time.monotonic()
+                st["seconds"] += now - t_prev
+                bar.update(int(st["seconds"]) - bar.n)
+                t_prev = now
+                st["steps"] += 1
+                ema = {k: v if k not in ema else 0.98 * ema[k] + 0.02 * v for k, v in stats.items()}
+                rate = st["steps"] / max(st["seconds"], 1e-6)
+                bar.set_postfix(step=st["steps"], it_s=f"{rate:.2f}", loss=f"{ema['loss']:.3f}",
+                                bpp=f"{ema['bpp']:.3f}", psnr=f"{ema['psnr']:.2f}", refresh=False)
+                done = st["seconds"] >= budget
+                if now - last_val > a.val_minutes * 60 or done:
+                    val = self.validate()
+                    hours = sum(v["seconds"] for v in self.progress.values()
+                                if isinstance(v, dict)) / 3600
+                    writer.writerow({"stage": a.stage, "step": st["steps"], "hours": f"{hours:.4f}",
+                                     "lr": lr, **{k: f"{v:.4f}" for k, v in ema.items()},
+                                     **{k: f"{v:.4f}" for k, v in val.items()}})
+                    fh.flush()
+                    log.info("%s step %d val %s", a.stage, st["steps"], val)
+                    if val["val_loss"] < best:
+                        best = val["val_loss"]
+                        self.progress[f"best_{a.stage}"] = best
+                        self.save("best")
+                    last_val = time.monotonic()
+                    t_prev = last_val  # validation time is not training time
+                if now - last_ckpt > a.checkpoint_minutes * 60 or done:
+                    self.save("last")
+                    last_ckpt = time.monotonic()
+                    t_prev = last_ckpt
+            bar.close()
+        self.save("last")
+
+
+def train(args: TrainArgs) -> None:
+    Trainer(args).run()
