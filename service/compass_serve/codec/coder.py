@@ -176,5 +176,6 @@ class Codec:
                     img = resize(img, tw, th)
         else:
             img = to_image(x)
-        truncated = stream.truncated or (layer is not None and layer >= complete)
-        return Decoded(img, k, complete, truncated, header)
+        # "Truncated" means the input stops inside a layer, not at a layer boundary.
+        boundary = table[complete - 1].end
+        return Decoded(img, k, complete, len(data) > boundary, header)

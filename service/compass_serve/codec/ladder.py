@@ -52,11 +52,11 @@ def make_ladder(
     width: int, height: int, widths: Sequence[int] | None = None,
     scales: Sequence[float] | None = None,
 ) -> list[Dim]:
-    if widths and scales:
+    if widths is not None and scales is not None:
         raise LadderError("give layer widths or layer scales, not both")
-    if widths:
+    if widths is not None:
         return ladder_from_widths(width, height, widths)
-    if scales:
+    if scales is not None:
         return ladder_from_scales(width, height, scales)
     return default_ladder(width, height)
 

@@ -1,0 +1,50 @@
+"""Shared fixtures: a model store with tiny random-weight models, and small test images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from compass_serve.codec.coder import Codec
+from compass_serve.codec.registry import PRESETS, build, save_model
+
+REPO = Path(__file__).resolve().parents[1]
+KODAK = REPO.parent / "shared" / "data" / "kodak"
+
+
+def make_tiny(store: Path, name: str, seed: int) -> None:
+    torch.manual_seed(seed)
+    save_model(build(PRESETS["tiny"]), name, "tiny", store, note="random weights for unit tests")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("model_store")
+    make_tiny(store, "tiny", seed=0)
+    make_tiny(store, "tiny-other", seed=1)
+    return store
+
+
+@pytest.fixture(scope="session")
+def tiny_codec(tiny_store: Path) -> Codec:
+    return Codec.load("tiny", tiny_store)
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth, photo-like test image (gradients + blobs + a little noise), deterministic."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([
+        128 + 90 * np.sin(xx / (7 + 5 * c) + yy / (11 + 3 * c) + c) for c in range(3)
+    ], -1)
+    img += rng.normal(0, 6, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture()
+def small_photo() -> Image.Image:
+    return photo(53, 37)

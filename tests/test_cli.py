@@ -1,0 +1,80 @@
+"""The `compass-serve` command line, run as a real process on real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import photo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(store: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COMPASS_MODEL_STORE": str(store)}
+    return subprocess.run([sys.executable, "-m", "compass_serve.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300, check=check)
+
+
+def test_encode_info_decode_round_trip(tiny_store: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in.png"
+    photo(160, 100).save(src)
+    cmp = tmp_path / "out.cmp"
+    res = cli(tiny_store, "encode", str(src), str(cmp), "--widths", "40,80,160",
+              "--quality", "2", "--model", "tiny")
+    assert "40x25 -> 80x50 -> 160x100" in res.stdout
+
+    info = json.loads(cli(tiny_store, "info", str(cmp), "--json").stdout)
+    assert (info["width"], info["height"], info["model"], info["quality"]) == (160, 100, "tiny", 2)
+    layers = info["layers"]
+    assert [(la["width"], la["height"]) for la in layers] == [(40, 25), (80, 50), (160, 100)]
+    data = cmp.read_bytes()
+    assert layers[-1]["offset"] + layers[-1]["length"] == len(data)
+    for a, b in zip(layers, layers[1:], strict=False):
+        assert a["offset"] + a["length"] == b["offset"]
+    assert layers[0]["offset"] < 128  # header stays small
+
+    # Each layer decodes from its own prefix, written as a separate file.
+    for k, layer in enumerate(layers):
+        part = tmp_path / f"prefix{k}.cmp"
+        part.write_bytes(data[: layer["offset"] + layer["length"]])
+        out = tmp_path / f"layer{k}.png"
+        res = cli(tiny_store, "decode", str(part), "-o", str(out))
+        assert f"layer {k} of 3" in res.stdout
+        assert Image.open(out).size == (layer["width"], layer["height"])
+
+    out = tmp_path / "w123.png"
+    cli(tiny_store, "decode", str(cmp), "-o", str(out), "--width", "123")
+    assert Image.open(out).size == (123, 77)
+    assert np.asarray(Image.open(out)).std() > 0
+
+    text = cli(tiny_store, "info", str(cmp)).stdout
+    assert "header" in text and "160x100" in text
+
+
+def test_models_lists_the_store(tiny_store: Path) -> None:
+    models = json.loads(cli(tiny_store, "models", "--json").stdout)
+    names = {m["name"]: m for m in models}
+    assert {"tiny", "tiny-other"} <= set(names)
+    assert len(names["tiny"]["sha256"]) == 64 and names["tiny"]["qualities"] == 4
+
+
+def test_errors_are_one_line_not_tracebacks(tiny_store: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    res = cli(tiny_store, "encode", str(bad), str(tmp_path / "x.cmp"), "--model", "tiny",
+              check=False)
+    assert res.returncode == 2 and "error:" in res.stderr and "Traceback" not in res.stderr
+    res = cli(tiny_store, "encode", str(bad), str(tmp_path / "x.cmp"), "--model", "nope",
+              check=False)
+    assert res.returncode == 2 and "not in the model store" in res.stderr
+    junk = tmp_path / "junk.cmp"
+    junk.write_bytes(b"CMPS" + bytes(100))
+    res = cli(tiny_store, "decode", str(junk), "-o", str(tmp_path / "o.png"), check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr

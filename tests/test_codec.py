@@ -1,0 +1,144 @@
+"""Codec behaviour with tiny random-weight models: sizes, scale factors, prefixes, integrity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from compass_serve.codec import bitstream as bs
+from compass_serve.codec.coder import Codec, ModelMismatch, QualityError
+from compass_serve.codec.ladder import LadderError, default_ladder, make_ladder
+from compass_serve.codec.liff import Liff, LiffConfig
+from tests.conftest import photo
+
+
+def pixels(img) -> np.ndarray:
+    return np.asarray(img, dtype=np.int16)
+
+
+@pytest.mark.parametrize("size", [(53, 37), (1, 1), (2, 3), (65, 17), (129, 131)])
+def test_odd_and_tiny_sizes_round_trip(tiny_codec: Codec, size: tuple[int, int]) -> None:
+    img = photo(*size)
+    data = tiny_codec.encode(img, quality=2)
+    out = tiny_codec.decode(data)
+    assert out.image.size == size
+    assert out.layer == len(bs.parse_header(data).table) - 1
+
+
+@pytest.mark.parametrize("factor", [1.2, 1.6, 2.0, 2.4, 2.8, 4.0])
+def test_two_layer_scale_factors(tiny_codec: Codec, factor: float) -> None:
+    base = 31
+    top = round(base * factor)
+    img = photo(top, round(top * 0.7))
+    data = tiny_codec.encode(img, widths=[base, top])
+    table = bs.parse_header(data).table
+    assert [e.width for e in table] == [base, top]
+    for k, entry in enumerate(table):
+        out = tiny_codec.decode(data[: table.prefix_length(k)], layer=k)
+        assert out.image.size == (entry.width, entry.height)
+
+
+@pytest.mark.parametrize("factor", [2.4, 2.8, 3.2, 3.6, 4.0])
+def test_three_layer_chains(tiny_codec: Codec, factor: float) -> None:
+    base = 24
+    img = photo(round(base * factor), round(base * factor * 0.75))
+    data = tiny_codec.encode(img, widths=[base, 2 * base, round(base * factor)])
+    out = tiny_codec.decode(data)
+    assert out.image.size == img.size and out.layer == 2
+
+
+def test_every_layer_boundary_prefix_decodes_like_the_full_stream(tiny_codec: Codec) -> None:
+    img = photo(96, 64)
+    data = tiny_codec.encode(img, scales=[0.25, 0.5, 1.0])
+    table = bs.parse_header(data).table
+    for k in range(len(table)):
+        prefix = data[: table.prefix_length(k)]
+        from_prefix = tiny_codec.decode(prefix)
+        from_full = tiny_codec.decode(data, layer=k)
+        assert from_prefix.layer == k and not from_prefix.truncated
+        assert np.array_equal(pixels(from_prefix.image), pixels(from_full.image))
+
+
+def test_mid_layer_prefix_returns_highest_complete_layer(tiny_codec: Codec) -> None:
+    data = tiny_codec.encode(photo(96, 64), scales=[0.25, 0.5, 1.0])
+    table = bs.parse_header(data).table
+    cut = table[2].offset + table[2].length // 2
+    out = tiny_codec.decode(data[:cut])
+    assert out.layer == 1 and out.truncated and out.complete_layers == 2
+    assert "inside layer 2" in out.note
+    with pytest.raises(bs.BitstreamError, match="no complete layer"):
+        tiny_codec.decode(data[: table[0].offset + 1])
+    with pytest.raises(bs.TruncatedHeader):
+        tiny_codec.decode(data[:10])
+
+
+def test_corrupted_layer_is_refused(tiny_codec: Codec) -> None:
+    data = bytearray(tiny_codec.encode(photo(96, 64), scales=[0.5, 1.0]))
+    table = bs.parse_header(bytes(data)).table
+    data[table[1].offset + 3] ^= 0x40
+    with pytest.raises(bs.CorruptLayer) as err:
+        tiny_codec.decode(bytes(data))
+    assert err.value.layer == 1
+    # the intact prefix still decodes
+    assert tiny_codec.decode(bytes(data[: table.prefix_length(0)])).layer == 0
+
+
+def test_stream_from_other_weights_is_refused(tiny_store, tiny_codec: Codec) -> None:
+    other = Codec.load("tiny-other", tiny_store)
+    data = other.encode(photo(40, 30))
+    with pytest.raises(ModelMismatch, match="tiny-other"):
+        tiny_codec.decode(data)
+
+
+def test_decode_to_any_width(tiny_codec: Codec) -> None:
+    img = photo(120, 80)
+    data = tiny_codec.encode(img, widths=[30, 60, 120])
+    for width, layer in [(1, 0), (30, 0), (31, 1), (59, 1), (60, 1), (100, 2), (120, 2)]:
+        out = tiny_codec.decode(data, width=width)
+        assert out.image.width == width and out.layer == layer
+        assert out.image.height == max(1, round(80 * width / 120))
+    # Above the top layer, LIFF predicts from the top layer.
+    out = tiny_codec.decode(data, width=301)
+    assert out.image.size == (301, 201) and out.layer == 2
+    # A prefix with only the base layer still gives the requested width.
+    table = bs.parse_header(data).table
+    out = tiny_codec.decode(data[: table.prefix_length(0)], width=100)
+    assert out.image.size == (100, 67) and out.layer == 0
+
+
+def test_quality_is_validated_and_changes_rate(tiny_codec: Codec) -> None:
+    img = photo(64, 64)
+    with pytest.raises(QualityError):
+        tiny_codec.encode(img, quality=0.5)
+    with pytest.raises(QualityError):
+        tiny_codec.encode(img, quality=float("nan"))
+    data = tiny_codec.encode(img, quality=1.37)
+    assert bs.parse_header(data).quality == pytest.approx(1.37)
+    assert tiny_codec.decode(data).image.size == (64, 64)
+
+
+def test_ladders() -> None:
+    assert default_ladder(768, 512) == [(192, 128), (384, 256), (768, 512)]
+    assert default_ladder(200, 100) == [(200, 100)]
+    assert default_ladder(4000, 3000) == [(250, 188), (500, 375), (1000, 750), (2000, 1500),
+                                          (4000, 3000)]
+    assert make_ladder(768, 512, scales=[0.25, 0.5, 1]) == [(192, 128), (384, 256), (768, 512)]
+    assert make_ladder(768, 512, widths=[100, 768]) == [(100, 67), (768, 512)]
+    for kwargs in [{"widths": [384, 192]}, {"widths": [800]}, {"scales": [0.5, 1.5]},
+                   {"scales": [0.5, 0.5]}, {"widths": []}, {"widths": [1], "scales": [1]}]:
+        with pytest.raises(LadderError):
+            make_ladder(768, 512, **kwargs)
+
+
+def test_liff_chunked_inference_equals_whole_image() -> None:
+    torch.manual_seed(0)
+    liff = Liff(LiffConfig(features=8, blocks=1, convs=2, growth=8, hidden=16, depth=2,
+                           chunk_pixels=97))
+    x = torch.rand(1, 3, 13, 17)
+    liff.train()
+    whole = liff(x, (40, 47))
+    liff.eval()
+    chunked = liff(x, (40, 47))
+    assert chunked.shape == (1, 3, 40, 47)
+    assert torch.allclose(whole, chunked, atol=1e-5)
