@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -36,7 +37,7 @@ def test_encode_info_decode_round_trip(tiny_store: Path, tmp_path: Path) -> None
     assert [(la["width"], la["height"]) for la in layers] == [(40, 25), (80, 50), (160, 100)]
     data = cmp.read_bytes()
     assert layers[-1]["offset"] + layers[-1]["length"] == len(data)
-    for a, b in zip(layers, layers[1:], strict=False):
+    for a, b in itertools.pairwise(layers):
         assert a["offset"] + a["length"] == b["offset"]
     assert layers[0]["offset"] < 128  # header stays small
 

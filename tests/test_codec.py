@@ -142,3 +142,17 @@ def test_liff_chunked_inference_equals_whole_image() -> None:
     chunked = liff(x, (40, 47))
     assert chunked.shape == (1, 3, 40, 47)
     assert torch.allclose(whole, chunked, atol=1e-5)
+
+
+def test_liff_strips_equal_whole_image_at_every_scale() -> None:
+    """Strip-wise inference (bounded memory) computes the same function as one pass."""
+    torch.manual_seed(1)
+    cfg = LiffConfig(features=8, blocks=1, convs=2, growth=8, hidden=16, depth=2, chunk_pixels=64)
+    liff = Liff(cfg)
+    x = torch.rand(1, 3, 70, 9)
+    for size in [(84, 11), (140, 18), (280, 36), (71, 9)]:
+        liff.train()
+        whole = liff(x, size)
+        liff.eval()
+        strips = liff(x, size)
+        assert torch.allclose(whole, strips, atol=1e-5), size

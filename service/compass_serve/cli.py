@@ -100,6 +100,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from compass_serve.codec.coder import Codec
+    from compass_serve.evaluation.run import evaluate
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    codec = Codec.load(args.model)
+    res = evaluate(codec, Path(args.data), Path(args.out), qualities=args.qualities,
+                   limit=args.limit, with_anchors=not args.no_anchors,
+                   with_ablation=not args.no_ablation, with_tables=args.tables)
+    print((Path(args.out) / "results.md").read_text())
+    if args.write_manifest:
+        from compass_serve.codec.registry import update_manifest
+
+        update_manifest(args.model, {"eval": {k: res[k] for k in (
+            "data", "images", "machine", "ladder_scales", "compass", "single_layer", "simulcast",
+            "bd_rate", "timing") if k in res} | ({"ablation_bd_el_bits_liff_vs_bicubic":
+                res["ablation"]["bd_el_bits_liff_vs_bicubic"]} if "ablation" in res else {})})
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from compass_serve.training.export import export_run
+
+    info = export_run(Path(args.run), args.name, weights=args.weights)
+    print(f"exported {info.path} (sha256 {info.sha256[:16]}...)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compass-serve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -147,6 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     t.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     t.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="rate-distortion evaluation (Kodak protocol)")
+    ev.add_argument("--data", default="../shared/data/kodak")
+    ev.add_argument("--out", default="runs/eval")
+    ev.add_argument("--model", default="lite")
+    ev.add_argument("--qualities", type=_floats, default=None)
+    ev.add_argument("--limit", type=int, default=None, help="first N images only")
+    ev.add_argument("--no-anchors", action="store_true", help="skip JPEG/WebP/AVIF")
+    ev.add_argument("--no-ablation", action="store_true", help="skip LIFF vs bicubic")
+    ev.add_argument("--tables", action="store_true", help="also the arbitrary-scale tables")
+    ev.add_argument("--threads", type=int, default=0)
+    ev.add_argument("--write-manifest", action="store_true",
+                    help="store the figures in the model's manifest")
+    ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="copy a training run's weights into model_store/")
+    ex.add_argument("--run", default="runs/lite")
+    ex.add_argument("--name", default="lite")
+    ex.add_argument("--weights", default="last", choices=["last", "best"])
+    ex.set_defaults(func=cmd_export)
     return p
 
 

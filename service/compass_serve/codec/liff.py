@@ -93,36 +93,65 @@ class Liff(nn.Module):
         self.coord = nn.Linear(4, h)  # r (2) and scale token s (2) into the first layer
         self.hidden = nn.ModuleList(nn.Linear(h, h) for _ in range(cfg.depth - 1))
 
-    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
-        feat = self.features(x)
-        lowres = torch.cat([self.first(feat), self.filter(feat)], 1)  # [B, H + 3H + 3, h, w]
-        return self._render(lowres, size)
+    @property
+    def halo(self) -> int:
+        """Low-res rows beyond a strip that influence it (receptive radius of the 3x3 convs)."""
+        return self.cfg.blocks * self.cfg.convs + 4
 
-    def _render(self, lowres: torch.Tensor, hi: Size) -> torch.Tensor:
-        b, _, hl, wl = lowres.shape
-        h_hi, w_hi = hi
+    def _lowres(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.features(x)
+        return torch.cat([self.first(feat), self.filter(feat)], 1)  # [B, H + 3H + 3, h, w]
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        b, _, hl, wl = x.shape
+        h_hi, w_hi = size
+        if self.training:
+            return self._render(self._lowres(x), 0, (hl, wl), size, 0, h_hi)
+        # Inference: horizontal strips of the lower layer (with a halo, so results equal the
+        # whole-image computation) keep feature memory bounded at any size.
+        iy, _ = _axis(hl, h_hi, x.device)
+        strip = max(16, self.cfg.chunk_pixels * 4 // max(1, wl))
+        out = x.new_empty(b, 3, h_hi, w_hi)
+        for a in range(0, hl, strip):
+            z = min(hl, a + strip)
+            rows = torch.nonzero((iy >= a) & (iy < z)).flatten()
+            if rows.numel() == 0:
+                continue
+            lo0, lo1 = max(0, a - self.halo), min(hl, z + self.halo)
+            lowres = self._lowres(x[..., lo0:lo1, :])[..., a - lo0 : z - lo0, :]
+            y0, y1 = int(rows[0]), int(rows[-1]) + 1
+            step = max(1, self.cfg.chunk_pixels // w_hi)
+            for r0 in range(y0, y1, step):
+                r1 = min(y1, r0 + step)
+                out[..., r0:r1, :] = self._render(lowres, a, (hl, wl), size, r0, r1)
+        return out
+
+    def _render(
+        self, lowres: torch.Tensor, row0: int, lo: Size, hi: Size, y0: int, y1: int
+    ) -> torch.Tensor:
+        """Output rows y0..y1 from precomputed low-res maps whose first row is `row0`."""
+        b = lowres.shape[0]
+        (hl, wl), (h_hi, w_hi) = lo, hi
         hid = self.cfg.hidden
-        iy, ry = _axis(hl, h_hi, lowres.device)
-        ix, rx = _axis(wl, w_hi, lowres.device)
+        dev = lowres.device
+        iy, ry = _axis(hl, h_hi, dev)
+        ix, rx = _axis(wl, w_hi, dev)
+        iy, ry = iy[y0:y1] - row0, ry[y0:y1]
         # Scale token: 2 * H_lower / H_upper per axis (the cell size in [-1, 1] units of the lower).
-        s = torch.tensor([2 * hl / h_hi, 2 * wl / w_hi], device=lowres.device)
-        flat = lowres.flatten(2)  # [B, ch, hl*wl]
-        out = lowres.new_empty(b, 3, h_hi * w_hi)
-        rows = max(1, (self.cfg.chunk_pixels if not self.training else 1 << 30) // w_hi)
-        for y0 in range(0, h_hi, rows):
-            y1 = min(h_hi, y0 + rows)
-            gy, gx = torch.meshgrid(torch.arange(y0, y1, device=lowres.device),
-                                    torch.arange(w_hi, device=lowres.device), indexing="ij")
-            gy, gx = gy.reshape(-1), gx.reshape(-1)
-            src = iy[gy] * wl + ix[gx]                                     # nearest low-res pixel
-            coords = torch.stack([ry[gy], rx[gx], s[0].expand_as(gy.float()),
-                                  s[1].expand_as(gy.float())], -1)          # [P, 4]
-            picked = flat[:, :, src]                                       # [B, ch, P]
-            first, filt = picked[:, :hid], picked[:, hid:]
-            h = torch.relu(first.transpose(1, 2) + self.coord(coords))     # [B, P, H]
-            for layer in self.hidden:
-                h = torch.relu(layer(h))
-            g = filt[:, : 3 * hid].reshape(b, 3, hid, -1)                  # [B, 3, H, P]
-            pred = torch.einsum("bph,bchp->bcp", h, g) + filt[:, 3 * hid:]
-            out[:, :, y0 * w_hi: y1 * w_hi] = pred
-        return out.reshape(b, 3, h_hi, w_hi)
+        s = torch.tensor([2 * hl / h_hi, 2 * wl / w_hi], device=dev)
+        n_rows = y1 - y0
+        src = (iy[:, None] * wl + ix[None, :]).reshape(-1)               # nearest low-res pixel
+        coords = torch.stack([
+            ry[:, None].expand(n_rows, w_hi).reshape(-1),
+            rx[None, :].expand(n_rows, w_hi).reshape(-1),
+            s[0].expand(n_rows * w_hi),
+            s[1].expand(n_rows * w_hi),
+        ], -1)                                                            # [P, 4]
+        picked = lowres.flatten(2)[:, :, src]                             # [B, ch, P]
+        first, filt = picked[:, :hid], picked[:, hid:]
+        h = torch.relu(first.transpose(1, 2) + self.coord(coords))        # [B, P, H]
+        for layer in self.hidden:
+            h = torch.relu(layer(h))
+        g = filt[:, : 3 * hid].reshape(b, 3, hid, -1)                     # [B, 3, H, P]
+        pred = torch.einsum("bph,bchp->bcp", h, g) + filt[:, 3 * hid :]
+        return pred.reshape(b, 3, n_rows, w_hi)

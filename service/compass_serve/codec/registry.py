@@ -162,3 +162,10 @@ def save_model(
     (store / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     _load_cached.cache_clear()
     return model_info(name, store)
+
+
+def update_manifest(name: str, fields: dict, store: Path | None = None) -> None:
+    """Merge `fields` into a model's manifest (e.g. evaluation figures)."""
+    info = model_info(name, store)
+    man = (store or default_store()) / f"{name}.json"
+    man.write_text(json.dumps(info.manifest | fields, indent=2) + "\n")

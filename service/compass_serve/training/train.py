@@ -131,6 +131,7 @@ class Trainer:
 
     def save(self, name: str = "last") -> None:
         self.model.update()
+        self.progress["preset"] = self.args.preset  # type: ignore[assignment]
         save_file(state_dict_for_save(self.model), str(self.out / f"{name}.safetensors"))
         (self.out / "progress.json").write_text(json.dumps(self.progress, indent=1))
         torch.save({"opt": self.opt.state_dict(), "aux": self.aux_opt.state_dict()},

@@ -1,0 +1,64 @@
+"""RD plots (matplotlib, PNG) of an evaluation's results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def rd_plot(res: dict, path: Path) -> None:
+    """One panel per ladder layer: cumulative bpp against that layer's PSNR."""
+    n = len(res["ladder_scales"])
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.4), squeeze=False)
+    qs = list(res["compass"])
+    for k, ax in enumerate(axes[0]):
+        top = k == n - 1
+        comp = [res["compass"][q][k] for q in qs]
+        ax.plot([p["bpp"] for p in comp], [p["psnr"] for p in comp], "o-", lw=2,
+                label=f"COMPASS ({res['model']})", color="C3")
+        sim = [res["simulcast"][q][k] for q in qs]
+        ax.plot([p["bpp"] for p in sim], [p["psnr"] for p in sim], "s--", label="simulcast (own)",
+                color="C0")
+        if top:
+            sl = [res["single_layer"][q] for q in qs]
+            ax.plot([p["bpp"] for p in sl], [p["psnr"] for p in sl], "^:",
+                    label="single-layer (own)", color="C2")
+        for i, (name, a) in enumerate(res.get("anchors", {}).items()):
+            pts = [s["layers"][k] for s in a["simulcast"]]
+            ax.plot([p["bpp"] for p in pts], [p["psnr"] for p in pts], "--", alpha=0.6,
+                    color=f"C{4 + i}", label=f"{name} simulcast")
+            if top:
+                ax.plot([p["bpp"] for p in a["single"]], [p["psnr"] for p in a["single"]], "-",
+                        alpha=0.9, color=f"C{4 + i}", label=f"{name}")
+        scale = res["ladder_scales"][k]
+        ax.set_title(f"layer {k} ({scale:g}x), cumulative rate")
+        ax.set_xlabel("bits per pixel of this layer (all bytes up to it)")
+        ax.set_ylabel("RGB PSNR (dB)")
+        ax.set_xlim(0, max(2.0, max(p["bpp"] for p in comp) * 1.1) if top else None)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{res['data']} ({res['images']} images)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def learning_curve(rows: list[dict], path: Path, title: str) -> None:
+    """Held-out PSNR per quality against training hours, from a run's log.csv rows."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    qs = sorted({k.split("_")[0] for r in rows for k in r if k.startswith("q") and "_psnr" in k})
+    for q in qs:
+        pts = [(float(r["hours"]), float(r[f"{q}_psnr"])) for r in rows if r.get(f"{q}_psnr")]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=q)
+    ax.set_xlabel("training hours (all stages)")
+    ax.set_ylabel("held-out PSNR (dB), top layer")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
