@@ -156,3 +156,19 @@ def test_liff_strips_equal_whole_image_at_every_scale() -> None:
         liff.eval()
         strips = liff(x, size)
         assert torch.allclose(whole, strips, atol=1e-5), size
+
+
+def test_liff_with_bicubic_skip_starts_as_bicubic_and_strips_match() -> None:
+    torch.manual_seed(2)
+    cfg = LiffConfig(features=8, blocks=1, convs=2, growth=8, hidden=16, depth=2, chunk_pixels=64,
+                     skip="bicubic")
+    liff = Liff(cfg).eval()
+    x = torch.rand(1, 3, 30, 20)
+    bicubic = torch.nn.functional.interpolate(x, size=(75, 50), mode="bicubic", align_corners=False)
+    assert torch.allclose(liff(x, (75, 50)), bicubic, atol=1e-6)
+    torch.nn.init.normal_(liff.filter.weight, std=0.05)
+    liff.train()
+    whole = liff(x, (75, 50))
+    liff.eval()
+    assert torch.allclose(whole, liff(x, (75, 50)), atol=1e-5)
+    assert not torch.allclose(whole, bicubic, atol=1e-3)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compass_serve.codec.layers import Size
@@ -33,6 +34,10 @@ class LiffConfig:
     hidden: int = 64          # MLP width (paper: 256)
     depth: int = 3            # MLP hidden layers (paper: 4)
     chunk_pixels: int = 65536  # output pixels evaluated at once at inference
+    # "none": the paper's LIFF. "bicubic": LIFF predicts a correction to bicubic up-sampling and
+    # starts as exactly bicubic (zero-initialised filter), which converges in far fewer CPU
+    # steps; the filter can still learn any linear map of the neighbourhood on top.
+    skip: str = "none"
 
 
 class DenseBlock(nn.Module):
@@ -92,48 +97,63 @@ class Liff(nn.Module):
         self.filter = nn.Conv2d(c, 3 * h + 3, 3, padding=1, bias=False)
         self.coord = nn.Linear(4, h)  # r (2) and scale token s (2) into the first layer
         self.hidden = nn.ModuleList(nn.Linear(h, h) for _ in range(cfg.depth - 1))
+        if cfg.skip not in ("none", "bicubic"):
+            raise ValueError(f"unknown LIFF skip {cfg.skip!r} (none or bicubic)")
+        if cfg.skip == "bicubic":
+            nn.init.zeros_(self.filter.weight)
 
     @property
     def halo(self) -> int:
         """Low-res rows beyond a strip that influence it (receptive radius of the 3x3 convs)."""
         return self.cfg.blocks * self.cfg.convs + 4
 
-    def _lowres(self, x: torch.Tensor) -> torch.Tensor:
+    def _lowres(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per low-res pixel, channels last: first-layer term [B,h,w,H], filter terms G
+        [B,h,w,3H] and their bias [B,h,w,3]. Kept as separate tensors: slicing one
+        concatenated tensor costs a full-size zero-fill per slice in the backward pass."""
         feat = self.features(x)
-        return torch.cat([self.first(feat), self.filter(feat)], 1)  # [B, H + 3H + 3, h, w]
+        hid3 = 3 * self.cfg.hidden
+        w, pad = self.filter.weight, self.filter.padding
+        maps = [self.first(feat), F.conv2d(feat, w[:hid3], padding=pad),
+                F.conv2d(feat, w[hid3:], padding=pad)]
+        return [m.permute(0, 2, 3, 1) for m in maps]
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         b, _, hl, wl = x.shape
         h_hi, w_hi = size
+        base = None
+        if self.cfg.skip == "bicubic":
+            base = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
         if self.training:
-            return self._render(self._lowres(x), 0, (hl, wl), size, 0, h_hi)
+            pred = self._render(self._lowres(x), 0, (hl, wl), size, 0, h_hi)
+            return pred if base is None else pred + base
         # Inference: horizontal strips of the lower layer (with a halo, so results equal the
         # whole-image computation) keep feature memory bounded at any size.
         iy, _ = _axis(hl, h_hi, x.device)
         strip = max(16, self.cfg.chunk_pixels * 4 // max(1, wl))
-        out = x.new_empty(b, 3, h_hi, w_hi)
+        out = x.new_zeros(b, 3, h_hi, w_hi) if base is None else base
         for a in range(0, hl, strip):
             z = min(hl, a + strip)
             rows = torch.nonzero((iy >= a) & (iy < z)).flatten()
             if rows.numel() == 0:
                 continue
             lo0, lo1 = max(0, a - self.halo), min(hl, z + self.halo)
-            lowres = self._lowres(x[..., lo0:lo1, :])[..., a - lo0 : z - lo0, :]
+            lowres = [m[:, a - lo0 : z - lo0] for m in self._lowres(x[..., lo0:lo1, :])]
             y0, y1 = int(rows[0]), int(rows[-1]) + 1
             step = max(1, self.cfg.chunk_pixels // w_hi)
             for r0 in range(y0, y1, step):
                 r1 = min(y1, r0 + step)
-                out[..., r0:r1, :] = self._render(lowres, a, (hl, wl), size, r0, r1)
+                out[..., r0:r1, :] += self._render(lowres, a, (hl, wl), size, r0, r1)
         return out
 
     def _render(
-        self, lowres: torch.Tensor, row0: int, lo: Size, hi: Size, y0: int, y1: int
+        self, lowres: list[torch.Tensor], row0: int, lo: Size, hi: Size, y0: int, y1: int
     ) -> torch.Tensor:
         """Output rows y0..y1 from precomputed low-res maps whose first row is `row0`."""
-        b = lowres.shape[0]
+        b = lowres[0].shape[0]
         (hl, wl), (h_hi, w_hi) = lo, hi
         hid = self.cfg.hidden
-        dev = lowres.device
+        dev = lowres[0].device
         iy, ry = _axis(hl, h_hi, dev)
         ix, rx = _axis(wl, w_hi, dev)
         iy, ry = iy[y0:y1] - row0, ry[y0:y1]
@@ -147,11 +167,14 @@ class Liff(nn.Module):
             s[0].expand(n_rows * w_hi),
             s[1].expand(n_rows * w_hi),
         ], -1)                                                            # [P, 4]
-        picked = lowres.flatten(2)[:, :, src]                             # [B, ch, P]
-        first, filt = picked[:, :hid], picked[:, hid:]
-        h = torch.relu(first.transpose(1, 2) + self.coord(coords))        # [B, P, H]
+        # Channels-last gathers: whole contiguous rows per pixel (and a row-wise index_add in
+        # the backward pass), several times faster on CPU than gathering along the last axis.
+        offsets = torch.arange(b, device=dev)[:, None] * (lowres[0].shape[1] * wl)
+        index = (offsets + src[None, :]).reshape(-1)
+        first, g, bias = (m.reshape(-1, m.shape[-1]).index_select(0, index).view(b, -1, m.shape[-1])
+                          for m in lowres)                                # [B, P, .]
+        h = torch.relu(first + self.coord(coords))
         for layer in self.hidden:
             h = torch.relu(layer(h))
-        g = filt[:, : 3 * hid].reshape(b, 3, hid, -1)                     # [B, 3, H, P]
-        pred = torch.einsum("bph,bchp->bcp", h, g) + filt[:, 3 * hid :]
-        return pred.reshape(b, 3, n_rows, w_hi)
+        pred = (g.view(b, -1, 3, hid) * h.unsqueeze(2)).sum(-1) + bias    # [B, P, 3]
+        return pred.transpose(1, 2).reshape(b, 3, n_rows, w_hi)

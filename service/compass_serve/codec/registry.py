@@ -26,7 +26,8 @@ PRESETS: dict[str, CompassConfig] = {
     "lite": CompassConfig(
         base=BackboneConfig(n=64, m=96),
         residual=BackboneConfig(n=64, m=96),
-        liff=LiffConfig(features=32, blocks=2, convs=3, growth=16, hidden=64, depth=3),
+        liff=LiffConfig(features=32, blocks=2, convs=3, growth=16, hidden=64, depth=3,
+                        skip="bicubic"),
     ),
     # The paper's sizes: mbt2018-mean N=128, M=192; RDN 64 ch, 4x4 convs, growth 32; MLP 4x256.
     "paper": CompassConfig(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from compass_serve.codec.liff import Liff
 from compass_serve.codec.model import Compass
 from compass_serve.codec.registry import PRESETS, load_state, state_dict_for_save
 from compass_serve.training.data import CropSampler, list_images, load_all, resize, split_holdout
@@ -120,6 +121,10 @@ class Trainer:
             load_state(self.model, load_file(str(weights), device=str(self.device)))
             self.progress = json.loads((self.out / "progress.json").read_text())
             log.info("resumed from %s: %s", weights, self.progress)
+        if self.args.stage == "liff" and "liff" not in self.progress:
+            # LIFF is untrained before its own stage: start it from its designed initialisation.
+            fresh = Liff(self.cfg.liff).to(self.device)
+            self.model.enhancement.liff.load_state_dict(fresh.state_dict())
         if self.args.stage in ("residual", "joint") and not self.progress.get("residual_init"):
             # The RC starts from the trained backbone: both are transform codecs of the same shape.
             rc = self.model.enhancement.residual
