@@ -12,9 +12,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-## Start the service on its embedded defaults (until the HTTP service lands: the CLI demo).
+## Start the HTTP service on its embedded defaults (127.0.0.1:8000, state in ./data, shipped weights).
 run: $(STAMP)
-	$(MAKE) --no-print-directory demo
+	$(VENV)/bin/compass-serve serve
 
 demo: $(STAMP)
 	@mkdir -p runs/demo

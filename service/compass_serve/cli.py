@@ -1,4 +1,4 @@
-"""`compass-serve` command line: encode, decode, info, models, train."""
+"""`compass-serve` command line: encode, decode, info, models, train, serve."""
 
 from __future__ import annotations
 
@@ -129,6 +129,30 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     info = export_run(Path(args.run), args.name, weights=args.weights)
     print(f"exported {info.path} (sha256 {info.sha256[:16]}...)")
+    if args.plot:
+        import csv
+
+        from compass_serve.evaluation.plots import learning_curve
+
+        with (Path(args.run) / "log.csv").open() as fh:
+            rows = [r for r in csv.DictReader(fh) if r["stage"] in ("backbone", "joint")]
+        learning_curve(rows, Path(args.plot), f"{args.name}: held-out PSNR while training")
+        print(f"learning curve: {args.plot}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from compass_serve.server import Settings, create_app
+
+    # Flags override the environment (COMPASS_HOST, COMPASS_PORT, COMPASS_DATA_DIR), which
+    # overrides the built-in defaults (127.0.0.1:8000, ./data).
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
+                                    ("data_dir", args.data_dir)) if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
 
 
@@ -198,7 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--run", default="runs/lite")
     ex.add_argument("--name", default="lite")
     ex.add_argument("--weights", default="last", choices=["last", "best"])
+    ex.add_argument("--plot", default=None, help="also plot the run's learning curve (PNG)")
     ex.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="run the HTTP service (settings: COMPASS_* environment variables)")
+    sv.add_argument("--host", default=None, help="default: COMPASS_HOST or 127.0.0.1")
+    sv.add_argument("--port", type=int, default=None, help="default: COMPASS_PORT or 8000")
+    sv.add_argument("--data-dir", default=None,
+                    help="all state lives here; default: COMPASS_DATA_DIR or ./data")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -1,0 +1,1 @@
+"""HTTP routes, each module building an APIRouter from the app's settings."""

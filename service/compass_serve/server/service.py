@@ -1,0 +1,446 @@
+"""The service's state and operations, independent of HTTP routing.
+
+One `ImageService` per app holds the settings, database, blob store, rendition cache, metrics,
+the codec and the encode pool; routes reach it through FastAPI dependency injection.
+
+Blob keys: `sources/<id>` holds an accepted upload until it is encoded (so a restart can redo
+the encode); `images/<id>.cmp` holds the encoded stream. Ordering that keeps crashes harmless:
+source blob -> pending row -> (encode) -> .cmp blob -> ready row -> delete source. Start-up
+(`recover`) removes temporary files, requeues pending rows whose source exists, fails the rest,
+and deletes blobs no row refers to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import torch
+from PIL import Image, features
+
+from compass_serve.codec import bitstream as bs
+from compass_serve.codec.coder import Codec, ModelMismatch, QualityError
+from compass_serve.codec.ladder import LadderError
+from compass_serve.imageio import ImageInputError, InputLimits, encode_image, load_rgb, sniff_format
+from compass_serve.server.db import FAILED, PENDING, READY, Database, ImageRecord, utcnow
+from compass_serve.server.metrics import Metrics
+from compass_serve.server.problems import Problem
+from compass_serve.server.renditions import RenditionCache
+from compass_serve.server.settings import OUTPUT_FORMATS, Settings
+from compass_serve.server.storage import BlobNotFound, BlobStore, LocalBlobStore
+from compass_serve.server.worker import EncodeJob, EncodePool, QueueFull, Reservation, Waiters
+
+log = logging.getLogger("compass_serve.server")
+
+ID_VERSION = 1  # bump if the id recipe changes
+
+
+def source_key(image_id: str) -> str:
+    return f"sources/{image_id}"
+
+
+def stream_key(image_id: str) -> str:
+    return f"images/{image_id}.cmp"
+
+
+@dataclass(frozen=True)
+class UploadOptions:
+    widths: list[int] | None = None
+    scales: list[float] | None = None
+    quality: float | None = None
+
+
+@dataclass
+class Prepared:
+    """A validated upload, ready to be stored and queued."""
+
+    image_id: str
+    image: Image.Image
+    fmt: str
+    quality: float
+
+
+def image_id_for(data_sha256: str, model: str, weights_hex: str, quality: float,
+                 widths: Sequence[int] | None, scales: Sequence[float] | None) -> str:
+    """Deterministic id: the same bytes with the same options and weights give the same id."""
+    recipe = {
+        "v": ID_VERSION, "bytes": data_sha256, "model": model, "weights": weights_hex,
+        "quality": quality, "widths": list(widths) if widths is not None else None,
+        "scales": [float(s) for s in scales] if scales is not None else None,
+    }
+    canon = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:32]
+
+
+def layer_for_width(layers: Sequence[dict[str, Any]], width: int) -> int:
+    """Fewest layers that reach `width`: the first layer at least that wide, else the top one."""
+    for i, layer in enumerate(layers):
+        if layer["width"] >= width:
+            return i
+    return len(layers) - 1
+
+
+def header_json(header: bs.Header) -> dict[str, Any]:
+    return {
+        "header_length": header.size,
+        "layers": [
+            {"width": e.width, "height": e.height, "offset": e.offset, "length": e.length}
+            for e in header.table
+        ],
+    }
+
+
+class ImageService:
+    """Upload, encode, list, delete and render images; owns every stateful component."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.db = Database(settings.db_url)
+        self.store: BlobStore = LocalBlobStore(settings.blob_dir)
+        self.cache = RenditionCache(settings.rendition_dir, settings.rendition_cache_bytes)
+        self.pool = EncodePool(settings.encode_workers, settings.queue_size, self._encode)
+        self.waiters = Waiters()
+        self.limits = InputLimits(
+            max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
+            max_side=settings.max_side, formats=settings.formats,
+        )
+        self.codec: Codec | None = None
+        self.codec_error: str | None = None
+        self.output_formats = tuple(
+            f for f in OUTPUT_FORMATS if f not in ("webp", "avif") or features.check(f)
+        )
+        self._ready: OrderedDict[str, ImageRecord] = OrderedDict()  # hot metadata of ready images
+        self._flights: dict[tuple[str, int, str], asyncio.Future[bytes]] = {}
+        self._decodes = 0
+        self._saved_threads: int | None = None
+        self.decode_limiter: anyio.CapacityLimiter | None = None
+        self.upload_limiter: anyio.CapacityLimiter | None = None
+        self.metrics.bind_queue_depth(self.pool.depth)
+        self.metrics.bind_cache_bytes(lambda: self.cache.total_bytes)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Create state, load the weights, recover from an earlier stop, start the workers."""
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        if s.torch_threads:
+            self._saved_threads = torch.get_num_threads()
+            torch.set_num_threads(s.torch_threads)
+        self.db.create_all()
+        try:
+            self.codec = Codec.load(s.model, s.model_store)
+            self.codec_error = None
+        except (LookupError, ValueError, OSError) as exc:
+            # Keep serving what can be served (lists, manifests, bitstreams); /readyz says why not ready.
+            self.codec_error = f"cannot load model {s.model!r}: {exc}"
+            log.error(self.codec_error)
+        pending = self.recover()
+        self.pool.start()
+        for image_id in pending:
+            self.pool.submit(EncodeJob(image_id))
+        if pending:
+            log.info("requeued %d pending image(s)", len(pending))
+
+    def stop(self) -> None:
+        self.pool.stop()
+        self.db.close()
+        if self._saved_threads is not None:
+            torch.set_num_threads(self._saved_threads)
+
+    def make_limiters(self) -> None:
+        """Capacity limiters belong to the running event loop, so they are made in the lifespan."""
+        self.decode_limiter = anyio.CapacityLimiter(self.settings.decode_workers)
+        self.upload_limiter = anyio.CapacityLimiter(max(2, self.settings.decode_workers))
+
+    def recover(self) -> list[str]:
+        """Make disk and database agree after any kind of stop; returns ids to requeue."""
+        removed = self.store.recover()
+        if removed:
+            log.info("removed %d interrupted blob write(s)", removed)
+        requeue: list[str] = []
+        ready: set[str] = set()
+        pending: set[str] = set()
+        for row in self.db.all_rows():
+            if row.status == PENDING:
+                if self.store.size(source_key(row.id)) is None:
+                    self.db.mark_failed(row.id, "the upload was lost before it was encoded; upload it again")
+                    continue
+                pending.add(row.id)
+                requeue.append(row.id)
+            elif row.status == READY:
+                if self.store.size(stream_key(row.id)) != row.size:
+                    # Cannot happen with atomic writes unless files were removed by hand.
+                    log.error("stored stream of %s is missing or damaged", row.id)
+                    self.db.mark_failed(row.id, "the stored stream is missing; upload the image again")
+                    continue
+                ready.add(row.id)
+        for key in list(self.store.keys("images/")):
+            if key.removeprefix("images/").removesuffix(".cmp") not in ready:
+                self.store.delete(key)  # an encode that finished but was never committed
+        for key in list(self.store.keys("sources/")):
+            if key.removeprefix("sources/") not in pending:
+                self.store.delete(key)  # an upload whose row never committed, or already encoded
+        self.cache.load(ready)
+        return requeue
+
+    # -- readiness --------------------------------------------------------------------------------
+    def checks(self) -> dict[str, str]:
+        out = {"weights": "ok" if self.codec is not None else (self.codec_error or "not loaded")}
+        try:
+            self.db.ping()
+            out["database"] = "ok"
+        except Exception as exc:  # any driver error means not ready
+            out["database"] = f"unreachable: {type(exc).__name__}"
+        out["worker"] = "ok" if self.pool.alive() else "not running"
+        return out
+
+    def require_codec(self) -> Codec:
+        if self.codec is None:
+            raise Problem(503, self.codec_error or "the model is not loaded", code="not_ready",
+                          headers={"Retry-After": str(self.settings.retry_after_s)})
+        return self.codec
+
+    def queue_full(self, detail: str) -> Problem:
+        return Problem(503, detail, code="queue_full",
+                       headers={"Retry-After": str(self.settings.retry_after_s)})
+
+    # -- upload -----------------------------------------------------------------------------------
+    def upload_id(self, data: bytes, opts: UploadOptions) -> tuple[str, float]:
+        """The id an upload gets and its resolved quality (cheap: no decoding)."""
+        if not data:
+            raise Problem(400, "the upload is empty", code="empty_upload")
+        codec = self.require_codec()
+        try:
+            quality = codec.check_quality(opts.quality)
+        except QualityError as exc:
+            raise Problem(422, str(exc), code="invalid_options") from None
+        image_id = image_id_for(hashlib.sha256(data).hexdigest(), codec.name, codec.weights_id.hex(),
+                                quality, opts.widths, opts.scales)
+        return image_id, quality
+
+    def prepare(self, data: bytes, opts: UploadOptions, image_id: str, quality: float) -> Prepared:
+        """Validate an upload completely (CPU: decodes the image); raises 4xx Problems."""
+        fmt = sniff_format(data)
+        if fmt is None:
+            raise Problem(415, "the upload is not an image in a recognised format", code="unsupported_image")
+        if fmt not in self.limits.formats:
+            allowed = ", ".join(sorted(self.limits.formats))
+            raise Problem(415, f"image format {fmt} is not accepted (allowed: {allowed})",
+                          code="unsupported_image")
+        try:
+            image = load_rgb(data, self.limits)
+        except ImageInputError as exc:
+            raise Problem(422, str(exc), code="invalid_image") from None
+        try:
+            ladder = self.require_codec().ladder(image, opts.widths, opts.scales)
+        except LadderError as exc:
+            raise Problem(422, str(exc), code="invalid_options") from None
+        if len(ladder) > self.settings.max_layers:
+            raise Problem(422, f"{len(ladder)} layers for a {image.width}x{image.height} image; at most "
+                          f"{self.settings.max_layers} are allowed", code="invalid_options")
+        return Prepared(image_id, image, fmt, quality)
+
+    async def ingest(self, data: bytes, opts: UploadOptions) -> tuple[ImageRecord, bool]:
+        """Store and queue an upload; returns (record, created). Existing ids are not redone."""
+        assert self.upload_limiter is not None
+        # Hashing a large upload takes a while: off the event loop, like the decoding below.
+        image_id, quality = await anyio.to_thread.run_sync(self.upload_id, data, opts)
+        existing = await self.get(image_id)
+        if existing is not None and existing.status != FAILED:
+            # The same bytes with the same options were accepted before: no new work, so this is
+            # answered even when the queue is full.
+            self.metrics.uploads.labels("duplicate").inc()
+            return existing, False
+        if self.pool.is_full():  # cheap early answer before spending CPU on decoding the upload
+            raise self.queue_full("the encode queue is full; try again later")
+        prep = await anyio.to_thread.run_sync(self.prepare, data, opts, image_id, quality,
+                                              limiter=self.upload_limiter)
+        return await anyio.to_thread.run_sync(self._store_upload, data, opts, prep)
+
+    def _store_upload(self, data: bytes, opts: UploadOptions, prep: Prepared) -> tuple[ImageRecord, bool]:
+        existing = self.db.get(prep.image_id)
+        if existing is not None and existing.status != FAILED:
+            self.metrics.uploads.labels("duplicate").inc()
+            return existing, False
+        try:
+            slot: Reservation = self.pool.reserve()
+        except QueueFull as exc:
+            self.metrics.uploads.labels("queue_full").inc()
+            raise self.queue_full(f"{exc}; try again later") from None
+        try:
+            assert self.codec is not None
+            self.store.put(source_key(prep.image_id), data)
+            now = utcnow()
+            record = ImageRecord(
+                id=prep.image_id, status=PENDING, model=self.codec.name,
+                weights_id=self.codec.weights_id.hex(), quality=prep.quality, widths=opts.widths,
+                scales=opts.scales, source_format=prep.fmt, source_bytes=len(data),
+                width=prep.image.width, height=prep.image.height, created_at=now, updated_at=now,
+            )
+            created = (self.db.replace_failed(record) if existing is not None
+                       else self.db.insert(record))
+            if not created:  # a concurrent upload of the same bytes won the race
+                slot.release()
+                row = self.db.get(prep.image_id)
+                assert row is not None
+                if row.status != PENDING:
+                    # The winner may have finished and removed its source before we wrote ours.
+                    self.store.delete(source_key(prep.image_id))
+                return row, False
+            self.pool.submit(EncodeJob(prep.image_id, prep.image), slot)
+        except BaseException:
+            slot.release()
+            raise
+        self.metrics.uploads.labels("accepted").inc()
+        return record, True
+
+    async def wait_for(self, image_id: str, timeout: float) -> ImageRecord | None:
+        """Wait until the image leaves `pending` (or `timeout`); the current record."""
+        fut = self.waiters.register(image_id)
+        try:
+            row = await self.get(image_id)
+            if row is not None and row.status == PENDING:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(fut), timeout)
+        finally:
+            self.waiters.discard(image_id, fut)
+        return await self.get(image_id)
+
+    # -- encode (worker threads) ------------------------------------------------------------------
+    def _encode(self, job: EncodeJob) -> None:
+        image_id = job.image_id
+        try:
+            row = self.db.get(image_id)
+            if row is None or row.status != PENDING:
+                return  # deleted (or done by a duplicate job) meanwhile
+            codec = self.codec
+            if codec is None:
+                raise RuntimeError(self.codec_error or "the model is not loaded")
+            if codec.weights_id.hex() != row.weights_id:
+                raise ValueError("the server's weights changed since the upload; upload the image again")
+            image = job.image
+            if image is None:
+                image = load_rgb(self.store.get(source_key(image_id)), self.limits)
+            t0 = time.perf_counter()
+            data = codec.encode(image, widths=row.widths, scales=row.scales, quality=row.quality)
+            seconds = time.perf_counter() - t0
+            header = bs.parse_header(data)
+            self.store.put(stream_key(image_id), data)
+            if not self.db.mark_ready(image_id, size=len(data), etag=hashlib.sha256(data).hexdigest(),
+                                      header=header_json(header), seconds=seconds):
+                self.store.delete(stream_key(image_id))  # deleted while encoding
+            self.store.delete(source_key(image_id))
+            self.metrics.encode_seconds.observe(seconds)
+            self.metrics.encodes.labels("ok").inc()
+        except Exception as exc:
+            if isinstance(exc, ValueError | BlobNotFound):
+                reason = f"encoding failed: {exc}"
+            else:
+                log.exception("encoding %s failed", image_id)
+                reason = f"encoding failed: internal error ({type(exc).__name__})"
+            self.db.mark_failed(image_id, reason)
+            self.store.delete(stream_key(image_id))
+            self.store.delete(source_key(image_id))
+            self.metrics.encodes.labels("failed").inc()
+        finally:
+            self.waiters.resolve(image_id)
+
+    # -- reads ------------------------------------------------------------------------------------
+    async def get(self, image_id: str) -> ImageRecord | None:
+        hot = self._ready.get(image_id)
+        if hot is not None:
+            self._ready.move_to_end(image_id)
+            return hot
+        row = await anyio.to_thread.run_sync(self.db.get, image_id)
+        if row is not None and row.status == READY:
+            # Ready rows never change again (only deletion), so they can be cached in memory.
+            self._ready[image_id] = row
+            if len(self._ready) > 4096:
+                self._ready.popitem(last=False)
+        return row
+
+    async def get_ready(self, image_id: str) -> ImageRecord:
+        row = await self.get(image_id)
+        if row is None:
+            raise Problem(404, f"no image with id {image_id!r}", code="not_found")
+        if row.status == PENDING:
+            raise Problem(409, "the image is still being encoded; poll its manifest", code="not_ready",
+                          headers={"Retry-After": "1"})
+        if row.status == FAILED:
+            raise Problem(409, f"the image could not be encoded: {row.reason}", code="encode_failed")
+        return row
+
+    async def delete(self, image_id: str) -> bool:
+        ok = await anyio.to_thread.run_sync(self.db.delete, image_id)
+        self._ready.pop(image_id, None)
+        if ok:
+            # Row first, then bytes: a crash in between leaves only orphans, swept at start-up.
+            await anyio.to_thread.run_sync(self._delete_files, image_id)
+        return ok
+
+    def _delete_files(self, image_id: str) -> None:
+        self.store.delete(stream_key(image_id))
+        self.store.delete(source_key(image_id))
+        self.cache.drop_image(image_id)
+
+    # -- renditions -------------------------------------------------------------------------------
+    async def rendition(self, row: ImageRecord, width: int, fmt: str) -> tuple[bytes, bool]:
+        """Encoded image bytes for (row, width, fmt) and whether they came from the cache."""
+        cached = self.cache.get(row.id, width, fmt)
+        self.metrics.cache_lookup(cached is not None)
+        if cached is not None:
+            return cached, True
+        key = (row.id, width, fmt)
+        flight = self._flights.get(key)
+        if flight is not None:  # the same rendition is being made: share it
+            return await asyncio.shield(flight), False
+        if self._decodes >= self.settings.decode_workers + self.settings.decode_queue_size:
+            raise Problem(503, "too many renditions are being decoded; try again later",
+                          code="decode_queue_full", headers={"Retry-After": str(self.settings.retry_after_s)})
+        assert self.decode_limiter is not None
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved" noise
+        self._flights[key] = fut
+        self._decodes += 1
+        try:
+            data = await anyio.to_thread.run_sync(self._render, row, width, fmt, limiter=self.decode_limiter)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        else:
+            fut.set_result(data)
+            return data, False
+        finally:
+            self._decodes -= 1
+            del self._flights[key]
+
+    def _render(self, row: ImageRecord, width: int, fmt: str) -> bytes:
+        codec = self.require_codec()
+        assert row.header is not None
+        layers = row.header["layers"]
+        k = layer_for_width(layers, width)
+        end = layers[k]["offset"] + layers[k]["length"]
+        t0 = time.perf_counter()
+        # Only the prefix up to layer k is read: that is all the decoder needs.
+        prefix = self.store.read_range(stream_key(row.id), 0, end)
+        try:
+            out = codec.decode(prefix, width=width)
+        except ModelMismatch as exc:
+            raise Problem(409, f"the image was encoded with other weights than this server holds: {exc}",
+                          code="model_mismatch") from None
+        quality = None if fmt == "png" else self.settings.output_quality
+        data = encode_image(out.image, fmt, quality=quality)
+        self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+        self.cache.put(row.id, width, fmt, data)
+        return data
