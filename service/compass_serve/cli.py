@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         train(TrainArgs(
             stage=stage, preset=args.preset, data=args.data, out=args.out, minutes=args.minutes,
             lr=args.lr, batch=args.batch, crop=args.crop, seed=args.seed, device=args.device,
-            threads=args.threads, resume=not args.fresh,
+            threads=args.threads, resume=not args.fresh, init_from=args.init_from,
         ))
     return 0
 
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     t.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    t.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="when the run directory is empty, start from this shipped model")
     t.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="rate-distortion evaluation (Kodak protocol)")

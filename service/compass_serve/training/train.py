@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from compass_serve.codec.liff import Liff
 from compass_serve.codec.model import Compass
-from compass_serve.codec.registry import PRESETS, load_state, state_dict_for_save
+from compass_serve.codec.registry import PRESETS, load_model, load_state, state_dict_for_save
 from compass_serve.training.data import CropSampler, list_images, load_all, resize, split_holdout
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class TrainArgs:
     checkpoint_minutes: float = 5.0
     val_minutes: float = 5.0
     resume: bool = True
+    init_from: str | None = None  # model-store name to start from when the run dir is empty
 
 
 def pick_device(name: str) -> torch.device:
@@ -121,6 +122,16 @@ class Trainer:
             load_state(self.model, load_file(str(weights), device=str(self.device)))
             self.progress = json.loads((self.out / "progress.json").read_text())
             log.info("resumed from %s: %s", weights, self.progress)
+        elif self.args.init_from:
+            # A fresh machine has no run directory: continue from shipped weights and the
+            # training record in their manifest (the optimizer state starts anew).
+            model, info = load_model(self.args.init_from)
+            load_state(self.model, {k: v.to(self.device) for k, v in model.state_dict().items()})
+            stages = info.manifest.get("training", {}).get("stages", {})
+            self.progress = {k: {"steps": v["steps"], "seconds": v["hours"] * 3600}
+                             for k, v in stages.items()}
+            self.progress["residual_init"] = True
+            log.info("initialised from model %s: %s", info.name, self.progress)
         if self.args.stage == "liff" and "liff" not in self.progress:
             # LIFF is untrained before its own stage: start it from its designed initialisation.
             fresh = Liff(self.cfg.liff).to(self.device)
