@@ -6,3 +6,14 @@ import warnings
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 __version__ = "0.1.0"
+
+__all__ = ["AsyncClient", "Client", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    # `from compass_serve import Client, AsyncClient` without importing httpx/torch up front.
+    if name in ("Client", "AsyncClient"):
+        from compass_serve import client
+
+        return getattr(client, name)
+    raise AttributeError(name)

@@ -1,4 +1,5 @@
-"""`compass-serve` command line: encode, decode, info, models, train, serve."""
+"""`compass-serve` command line: codec (encode, decode, info, models), training (train, export,
+eval), the service (serve) and its client (upload, get, fetch)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from compass_serve.client.errors import CompassError
 from compass_serve.codec import bitstream as bs
+
+if TYPE_CHECKING:
+    from compass_serve.client import Client
 
 
 def _floats(text: str) -> list[float]:
@@ -156,6 +162,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace) -> Client:
+    from compass_serve.client import Client
+
+    return Client(args.server, api_key=args.api_key)
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        info = c.upload(Path(args.input), widths=args.widths, scales=args.scales,
+                        quality=args.quality, wait=args.wait)
+    print(info.id)
+    if args.wait:
+        layers = " -> ".join(f"{la.width}x{la.height}" for la in info.layers)
+        print(f"{info.status}: {layers}, {info.size} bytes", file=sys.stderr)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        img = c.get(args.id, width=args.width, format=args.format)
+    img.save(args.output)
+    print(f"{args.output}: {img.width}x{img.height} (decoded by the server)")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    with _client(args) as c:
+        man = c.manifest(args.id)
+        target = man.bytes_for_width(args.width) if man.ready else None
+        with tqdm(total=target, unit="B", unit_scale=True, desc="fetch", file=sys.stderr) as bar:
+            c.on_bytes = bar.update
+            if args.progressive:
+                widths = [la.width for la in man.layers if la.width < args.width] + [args.width]
+                for img in c.progressive(args.id, widths):
+                    bar.set_postfix(width=img.width, refresh=True)
+            else:
+                img = c.fetch(args.id, args.width)
+    img.save(args.output)
+    print(f"{args.output}: {img.width}x{img.height} (decoded locally from {target} bytes)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compass-serve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -233,6 +283,37 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--data-dir", default=None,
                     help="all state lives here; default: COMPASS_DATA_DIR or ./data")
     sv.set_defaults(func=cmd_serve)
+
+    def client_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--server", default=None, help="default: COMPASS_URL or http://127.0.0.1:8000")
+        sp.add_argument("--api-key", default=None, help="default: COMPASS_API_KEY")
+
+    up = sub.add_parser("upload", help="upload an image to a server; prints its id")
+    up.add_argument("input")
+    g = up.add_mutually_exclusive_group()
+    g.add_argument("--scales", type=_floats)
+    g.add_argument("--widths", type=_ints)
+    up.add_argument("--quality", type=float, default=None)
+    up.add_argument("--wait", action="store_true", help="wait until it is encoded")
+    client_args(up)
+    up.set_defaults(func=cmd_upload)
+
+    gt = sub.add_parser("get", help="download an image decoded by the server")
+    gt.add_argument("id")
+    gt.add_argument("--width", type=int, default=None)
+    gt.add_argument("--format", default=None, choices=["png", "jpeg", "webp", "avif"])
+    gt.add_argument("-o", "--output", required=True)
+    client_args(gt)
+    gt.set_defaults(func=cmd_get)
+
+    fe = sub.add_parser("fetch", help="fetch only the layers a width needs and decode locally")
+    fe.add_argument("id")
+    fe.add_argument("--width", type=int, required=True)
+    fe.add_argument("-o", "--output", required=True)
+    fe.add_argument("--progressive", action="store_true",
+                    help="layer by layer, each step fetching only the new bytes")
+    client_args(fe)
+    fe.set_defaults(func=cmd_fetch)
     return p
 
 
@@ -240,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, LookupError, OSError) as exc:
+    except (ValueError, LookupError, OSError, CompassError) as exc:
         # Every user-facing failure (bad image, bad stream, wrong model, bad ladder) is a
         # ValueError/LookupError subclass with a readable message: print it, no traceback.
         print(f"compass-serve {args.command}: error: {exc}", file=sys.stderr)
