@@ -26,7 +26,7 @@ from compass_serve.imageio import fit_width, load_rgb, resize
 from compass_serve.server import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.server_harness import LiveServer  # noqa: E402  (the repo's loopback server harness)
+from tests.server_harness import LiveServer
 
 
 class Counting(httpx.HTTPTransport):
@@ -66,8 +66,8 @@ def main() -> None:
         layers = ", ".join(f"{la.width}x{la.height}" for la in info.layers)
         print(f"{Path(a.image).name}: {src.width}x{src.height}, COMPASS quality {a.quality:g}, "
               f"layers {layers}, stream {info.size} bytes\n")
-        print("| width | COMPASS fetch bytes | PSNR | JPEG q%d bytes | PSNR | WebP q%d bytes | PSNR |"
-              % (a.jpeg_quality, a.webp_quality))
+        print(f"| width | COMPASS fetch bytes | PSNR | JPEG q{a.jpeg_quality} bytes | PSNR "
+              f"| WebP q{a.webp_quality} bytes | PSNR |")
         print("|---|---|---|---|---|---|---|")
         totals = np.zeros(3)
         for w in widths:
