@@ -459,3 +459,60 @@ def test_encode_image() -> None:
         encode_image(src, "jpeg", quality=101)
     rgba = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
     assert _pixels(load_rgb(encode_image(rgba, "png"))).min() == 255  # flattened onto white
+
+
+def _rgb_icc_profile(description: str, primaries: list[tuple[float, float, float]],
+                     gamma: float) -> bytes:
+    """A minimal ICC v2 matrix/TRC RGB display profile (enough for LittleCMS)."""
+
+    def s15(v: float) -> bytes:
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(v: tuple[float, float, float]) -> bytes:
+        return b"XYZ " + bytes(4) + b"".join(s15(c) for c in v)
+
+    text = description.encode() + b"\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67)
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+    tags = [(b"desc", desc), (b"wtpt", xyz((0.9642, 1.0, 0.8249))), (b"rXYZ", xyz(primaries[0])),
+            (b"gXYZ", xyz(primaries[1])), (b"bXYZ", xyz(primaries[2])),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags:
+        body += bytes(-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = (struct.pack(">I", size) + bytes(4) + bytes.fromhex("02100000") + b"mntrRGB XYZ "
+              + bytes(12) + b"acsp" + bytes(4 + 4 + 4 + 4 + 8 + 4)
+              + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(4 + 16 + 28))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def test_icc_tagged_images_are_converted_to_srgb() -> None:
+    from PIL import ImageCms
+
+    assert features.check("littlecms2")  # PyPI's Pillow wheels ship LittleCMS
+    img = Image.new("RGB", (4, 4), (200, 40, 90))
+    # Display P3 primaries (D50-adapted): the same numbers mean a more saturated colour.
+    p3 = _rgb_icc_profile("Display P3 (test)", [(0.5151, 0.2412, -0.0011),
+                                                (0.2920, 0.6922, 0.0419),
+                                                (0.1571, 0.0666, 0.7841)], 2.2)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", icc_profile=p3)
+    out = load_rgb(buf.getvalue())
+    expected = ImageCms.profileToProfile(img, ImageCms.ImageCmsProfile(io.BytesIO(p3)),
+                                         ImageCms.createProfile("sRGB"), outputMode="RGB")
+    r, g, b = out.getpixel((0, 0))
+    assert (r, g, b) == expected.getpixel((0, 0))
+    assert r > 200 and g < 40  # more saturated red than the raw numbers, as P3 means
+    # sRGB-tagged pixels are left exactly as they are.
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", icc_profile=srgb)
+    assert load_rgb(buf.getvalue()).getpixel((0, 0)) == (200, 40, 90)
+    # A corrupt profile is ignored rather than failing the upload.
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", icc_profile=b"not a profile")
+    assert load_rgb(buf.getvalue()).getpixel((0, 0)) == (200, 40, 90)

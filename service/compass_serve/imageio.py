@@ -342,6 +342,7 @@ def _decode(img: Image.Image, bg: tuple[int, int, int]) -> Image.Image:
     except _PILLOW_ERRORS as exc:
         raise ImageInputError(f"cannot decode image: {_reason(exc)}") from exc
     img = _apply_orientation(img)
+    img = _to_srgb(img)
     try:
         return _to_rgb(img, bg)
     except ImageInputError:
@@ -424,6 +425,27 @@ def _lab_transform() -> ImageCms.ImageCmsTransform:
     return ImageCms.buildTransform(
         ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
     )
+
+
+def _to_srgb(img: Image.Image) -> Image.Image:
+    """Convert pixels tagged with a non-sRGB ICC profile (Display P3, Adobe RGB, CMYK press
+    profiles...) to sRGB, which is what the codec and every browser assume for untagged output.
+    Without this, wide-gamut photos come out desaturated. A broken profile is ignored."""
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "RGBA", "CMYK") or not features.check("littlecms2"):
+        return img
+    from PIL import ImageCms
+
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in ImageCms.getProfileDescription(src).lower():
+            return img  # already sRGB: skip a needless transform (and its rounding)
+        out_mode = "RGBA" if img.mode == "RGBA" else "RGB"
+        out = ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"),
+                                        outputMode=out_mode)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return img
+    return out if out is not None else img
 
 
 def _lab_to_rgb(img: Image.Image) -> Image.Image:
