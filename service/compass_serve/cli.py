@@ -130,6 +130,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curve(args: argparse.Namespace) -> int:
+    from compass_serve.evaluation.curve import learning_curve
+
+    rows = learning_curve(Path(args.run), Path(args.data), Path(args.out), args.rate, args.limit)
+    for r in rows:
+        print(f"{r['stage']:9} step {r['step']:6d} {r['hours']:6.2f} h  "
+              f"PSNR@{args.rate:g}bpp {r['psnr_at_rate']:.2f} dB")
+    print(f"plot: {args.out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from compass_serve.training.export import export_run
 
@@ -269,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--write-manifest", action="store_true",
                     help="store the figures in the model's manifest")
     ev.set_defaults(func=cmd_eval)
+
+    cu = sub.add_parser("curve", help="learning curve: Kodak PSNR at a fixed rate vs hours")
+    cu.add_argument("--run", default="runs/lite")
+    cu.add_argument("--data", default="../shared/data/kodak")
+    cu.add_argument("--out", default="docs/learning_curve.png")
+    cu.add_argument("--rate", type=float, default=0.5, help="bits per pixel")
+    cu.add_argument("--limit", type=int, default=6, help="first N images")
+    cu.set_defaults(func=cmd_curve)
 
     ex = sub.add_parser("export", help="copy a training run's weights into model_store/")
     ex.add_argument("--run", default="runs/lite")

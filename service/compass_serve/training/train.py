@@ -318,6 +318,13 @@ class Trainer:
                                      **{k: f"{v:.4f}" for k, v in val.items()}})
                     fh.flush()
                     log.info("%s step %d val %s", a.stage, st["steps"], val)
+                    # Snapshots feed the learning curve (`compass-serve curve`), never selection.
+                    snaps = self.out / "snapshots"
+                    snaps.mkdir(exist_ok=True)
+                    save_file(state_dict_for_save(self.model),
+                              str(snaps / f"{a.stage}-{st['steps']:06d}.safetensors"),
+                              metadata={"stage": a.stage, "step": str(st["steps"]),
+                                        "hours": f"{hours:.4f}"})
                     if val["val_loss"] < best:
                         best = val["val_loss"]
                         self.progress[f"best_{a.stage}"] = best
