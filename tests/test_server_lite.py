@@ -1,42 +1,27 @@
-"""The service on the shipped `lite` weights (skipped until model_store/ holds them)."""
+"""The service on the shipped `lite` weights, on its embedded defaults."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from compass_serve.codec.coder import Codec
-from compass_serve.codec.registry import ModelNotFound, model_info
+from compass_serve.evaluation.run import psnr
 from compass_serve.imageio import fit_width
-from tests.conftest import KODAK, photo
+from tests.conftest import KODAK
 from tests.server_harness import LiveServer, png_bytes
 
-try:
-    model_info("lite")
-    HAVE_LITE = True
-except (ModelNotFound, OSError, ValueError):
-    HAVE_LITE = False
-
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not HAVE_LITE, reason="model_store/ has no trained `lite` weights yet")]
-
-
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    x = np.asarray(a, dtype=np.float64)
-    y = np.asarray(b, dtype=np.float64)
-    mse = float(np.mean((x - y) ** 2))
-    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+pytestmark = pytest.mark.slow
 
 
 def test_lite_upload_ranges_and_widths(tmp_path: Path) -> None:
     from compass_serve.server import Settings
 
     source = KODAK / "kodim23.png"
-    original = Image.open(source).convert("RGB") if source.exists() else photo(768, 512)
+    original = Image.open(source).convert("RGB")
     # Only settings choose the model: the defaults are the shipped `lite` weights.
     settings = Settings(data_dir=tmp_path)
     with LiveServer(settings) as srv, srv.client(timeout=600) as c:
