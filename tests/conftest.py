@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -11,6 +14,9 @@ from PIL import Image
 
 from compass_serve.codec.coder import Codec
 from compass_serve.codec.registry import PRESETS, build, save_model
+
+if TYPE_CHECKING:
+    from tests.server_harness import LiveServer
 
 REPO = Path(__file__).resolve().parents[1]
 KODAK = REPO.parent / "shared" / "data" / "kodak"
@@ -48,3 +54,10 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
 @pytest.fixture()
 def small_photo() -> Image.Image:
     return photo(53, 37)
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    """An httpx client for the module's `server` fixture (each server test module defines one)."""
+    with server.client() as c:
+        yield c

@@ -29,12 +29,6 @@ def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def image(client: httpx.Client) -> dict:
     """One image uploaded as multipart with a 3-layer ladder and polled to `ready`."""
     r = upload(client, png_bytes(photo(W, H)), widths=",".join(map(str, LADDER)))

@@ -26,12 +26,6 @@ def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def ready_id(client: httpx.Client) -> str:
     r = client.post("/images", content=png_bytes(photo(64, 40)), params={"wait": "true"})
     assert r.status_code == 201

@@ -25,12 +25,6 @@ def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def image_id(client: httpx.Client) -> str:
     r = client.post("/images", content=png_bytes(photo(40, 30)), params={"wait": "true"},
                     headers={"X-API-Key": KEY})

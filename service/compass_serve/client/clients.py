@@ -51,23 +51,27 @@ def _finish(reply: Reply | None, exc: Exception | None, send: Send) -> Reply:
 
 
 class _Base:
-    def __init__(self, base_url: str | None, api_key: str | None, model_store: Path | None,
-                 retries: int, backoff: float, max_retry_wait: float) -> None:
+    def __init__(self, base_url: str | None = None, *, api_key: str | None = None,
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.25,
+                 max_retry_wait: float = 30.0, model_store: Path | None = None,
+                 **httpx_kwargs: Any) -> None:
         url = base_url or os.environ.get("COMPASS_URL", DEFAULT_URL)
         self._core = Core(url, api_key or os.environ.get("COMPASS_API_KEY"), model_store)
         self.retry = RetryPolicy(retries, backoff, max_retry_wait)
         self.on_bytes: ByteCallback | None = None  # progress hook: called with each chunk size
+        self._http = self._make_http(timeout=timeout, **httpx_kwargs)
+
+    def _make_http(self, **kwargs: Any) -> Any:
+        raise NotImplementedError
 
 
 class Client(_Base):
     """Blocking client; owns an `httpx.Client` connection pool. Use as a context manager."""
 
-    def __init__(self, base_url: str | None = None, *, api_key: str | None = None,
-                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.25,
-                 max_retry_wait: float = 30.0, model_store: Path | None = None,
-                 **httpx_kwargs: Any) -> None:
-        super().__init__(base_url, api_key, model_store, retries, backoff, max_retry_wait)
-        self._http = httpx.Client(timeout=timeout, **httpx_kwargs)
+    _http: httpx.Client
+
+    def _make_http(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(**kwargs)
 
     def __enter__(self) -> Client:
         return self
@@ -158,12 +162,10 @@ class Client(_Base):
 class AsyncClient(_Base):
     """Asynchronous client; owns an `httpx.AsyncClient`. Decoding runs in a worker thread."""
 
-    def __init__(self, base_url: str | None = None, *, api_key: str | None = None,
-                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.25,
-                 max_retry_wait: float = 30.0, model_store: Path | None = None,
-                 **httpx_kwargs: Any) -> None:
-        super().__init__(base_url, api_key, model_store, retries, backoff, max_retry_wait)
-        self._http = httpx.AsyncClient(timeout=timeout, **httpx_kwargs)
+    _http: httpx.AsyncClient
+
+    def _make_http(self, **kwargs: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(**kwargs)
 
     async def __aenter__(self) -> AsyncClient:
         return self
