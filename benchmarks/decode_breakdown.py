@@ -1,0 +1,54 @@
+"""Where a multi-layer decode spends its time: per layer, LIFF vs entropy decoding vs RC synthesis.
+
+    .venv/bin/python benchmarks/decode_breakdown.py [--image ../shared/data/kodak/kodim23.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from compass_serve.codec import bitstream as bs
+from compass_serve.codec.coder import Codec
+from compass_serve.imageio import load_rgb
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--image", default="../shared/data/kodak/kodim23.png")
+    ap.add_argument("--model", default="lite")
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args()
+    codec = Codec.load(a.model)
+    model = codec.model
+    stream = bs.Bitstream.parse(codec.encode(load_rgb(a.image)))
+    strings = [bs.unpack_strings(p) for p in stream.payloads]
+    sizes = [(e.height, e.width) for e in stream.header.table]
+    q = stream.header.quality
+    rc = model.enhancement.residual
+    print(f"{a.image}, model {a.model}, torch threads {torch.get_num_threads()}")
+    with torch.inference_mode():
+        for rep in range(a.repeats):
+            t = time.perf_counter()
+            x = model.base.codec.decompress(strings[0], sizes[0], q)
+            cells = [f"base {sizes[0][1]}x{sizes[0][0]} {time.perf_counter() - t:.3f} s"]
+            for s, size in zip(strings[1:], sizes[1:], strict=True):
+                t0 = time.perf_counter()
+                pred = model.enhancement.predict(x, size)
+                t1 = time.perf_counter()
+                z_hat = rc.entropy_bottleneck.decompress([s[0]], rc.hyper_sizes(size)[-1])
+                scales, means = rc._entropy_params(z_hat, size, exact=True)
+                y_hat = rc.gaussian_conditional.decompress(
+                    [s[1]], rc.gaussian_conditional.build_indexes(scales), means=means)
+                t2 = time.perf_counter()
+                x = pred + rc.synthesize(y_hat * rc.inv_gain(q), size)
+                t3 = time.perf_counter()
+                cells.append(f"{size[1]}x{size[0]}: LIFF {t1 - t0:.3f} s, entropy {t2 - t1:.3f} s, "
+                             f"RC synthesis {t3 - t2:.3f} s")
+            print(f"run {rep + 1}: " + "; ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
