@@ -76,6 +76,9 @@ class Rdn(nn.Module):
         return shallow + self.fuse(torch.cat(outs, 1))
 
 
+RENDER_CHUNK = 16384  # output pixels per rendering chunk at inference
+
+
 def _axis(n_lo: int, n_hi: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest low-res index and offset r (in low-res pixels) for each high-res pixel centre."""
     centres = (torch.arange(n_hi, device=device, dtype=torch.float64) + 0.5) / n_hi  # in (0, 1)
@@ -111,12 +114,17 @@ class Liff(nn.Module):
         """Per low-res pixel, channels last: first-layer term [B,h,w,H], filter terms G
         [B,h,w,3H] and their bias [B,h,w,3]. Kept as separate tensors: slicing one
         concatenated tensor costs a full-size zero-fill per slice in the backward pass."""
+        if not self.training:
+            # oneDNN's convolutions run ~2.5x faster on NHWC at inference, and the permuted
+            # maps below are then contiguous for free.
+            x = x.contiguous(memory_format=torch.channels_last)
         feat = self.features(x)
         hid3 = 3 * self.cfg.hidden
         w, pad = self.filter.weight, self.filter.padding
         maps = [self.first(feat), F.conv2d(feat, w[:hid3], padding=pad),
                 F.conv2d(feat, w[hid3:], padding=pad)]
-        return [m.permute(0, 2, 3, 1) for m in maps]
+        # Contiguous once here: the chunked renderer gathers from these maps many times.
+        return [m.permute(0, 2, 3, 1).contiguous() for m in maps]
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         b, _, hl, wl = x.shape
@@ -140,7 +148,9 @@ class Liff(nn.Module):
             lo0, lo1 = max(0, a - self.halo), min(hl, z + self.halo)
             lowres = [m[:, a - lo0 : z - lo0] for m in self._lowres(x[..., lo0:lo1, :])]
             y0, y1 = int(rows[0]), int(rows[-1]) + 1
-            step = max(1, self.cfg.chunk_pixels // w_hi)
+            # Render in cache-sized chunks: the per-pixel tensors then stay in L2/L3, which is
+            # ~2x faster on CPU than chunks of the strip's size.
+            step = max(1, min(self.cfg.chunk_pixels, RENDER_CHUNK) // w_hi)
             for r0 in range(y0, y1, step):
                 r1 = min(y1, r0 + step)
                 out[..., r0:r1, :] += self._render(lowres, a, (hl, wl), size, r0, r1)
