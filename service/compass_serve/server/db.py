@@ -1,4 +1,5 @@
-"""Image metadata in SQL (SQLAlchemy 2; SQLite under the data dir by default).
+"""Image metadata in SQL (SQLAlchemy 2; SQLite under the data dir by default, PostgreSQL when
+`COMPASS_DATABASE_URL` names one). The schema is created and upgraded by Alembic (`migrate.py`).
 
 A row is the only thing that makes an image visible. The encode worker writes the `.cmp` blob
 (atomically, fsynced) *before* it commits the row as `ready`, so no committed row ever points at
@@ -10,10 +11,22 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, create_engine, delete, event, select, text
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    create_engine,
+    delete,
+    event,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -72,6 +85,9 @@ class ImageRecord(Base):
     encode_seconds: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Revision 0002: encodes started for this row (>1: redelivered) and the device of the last one.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    device: Mapped[str | None] = mapped_column(String(16), default=None)
 
 
 class Database:
@@ -80,25 +96,33 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         is_sqlite = url.startswith("sqlite")
-        self.engine: Engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30} if is_sqlite else {},
-        )
+        connect_args: dict[str, Any] = {"check_same_thread": False, "timeout": 30} if is_sqlite else {}
+        if url.startswith("postgresql"):
+            # Fail fast while the server is down, so requests answer 503 instead of hanging.
+            connect_args["connect_timeout"] = 5
+        # pre_ping: pooled connections that died with a database restart are replaced, not
+        # handed to a request, so the service recovers by itself once the database is back.
+        self.engine: Engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
         if is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite allows one writer at a time; serialising writers here avoids "database is
         # locked" retries under concurrent uploads (readers are not blocked in WAL mode).
-        self._write_lock = threading.Lock()
+        # PostgreSQL takes concurrent writers itself (and other processes write anyway).
+        self._write_lock = threading.Lock() if is_sqlite else None
 
-    def create_all(self) -> None:
-        Base.metadata.create_all(self.engine)
+    def migrate(self) -> str | None:
+        """Create or upgrade the schema to the newest migration; returns the revision."""
+        from compass_serve.server import migrate
+
+        return migrate.upgrade(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
 
     @contextmanager
     def session(self, write: bool = False) -> Iterator[Session]:
-        lock = self._write_lock if write else None
+        lock = self._write_lock if write and self._write_lock is not None else None
         if lock is not None:
             lock.acquire()
         try:
@@ -140,24 +164,52 @@ class Database:
             s.commit()
             return True
 
+    def start_attempt(self, image_id: str, device: str) -> ImageRecord | None:
+        """Count an encode attempt of a pending row; the row, or None when it is not pending."""
+        with self.session(write=True) as s:
+            res = s.execute(update(ImageRecord)
+                            .where(ImageRecord.id == image_id, ImageRecord.status == PENDING)
+                            .values(attempts=ImageRecord.attempts + 1, device=device))
+            s.commit()
+            if not getattr(res, "rowcount", 0):
+                return None
+        return self.get(image_id)
+
     def mark_ready(
         self, image_id: str, *, size: int, etag: str, header: dict[str, Any], seconds: float
-    ) -> bool:
-        """pending -> ready; False when the row is gone (deleted meanwhile) or not pending."""
+    ) -> str | None:
+        """pending -> ready. Returns the status the row had (`pending` when this call made it
+        ready), or None when the row is gone (deleted meanwhile)."""
         with self.session(write=True) as s:
-            row = s.scalars(select(ImageRecord).where(ImageRecord.id == image_id)).first()
-            if row is None or row.status != PENDING:
-                return False
+            # FOR UPDATE: two copies of one job (a redelivery racing a slow worker) cannot both
+            # see `pending` on PostgreSQL; SQLite writers are serialised anyway.
+            row = s.scalars(select(ImageRecord).where(ImageRecord.id == image_id).with_for_update()).first()
+            if row is None:
+                return None
+            if row.status != PENDING:
+                return row.status
             row.status, row.reason = READY, None
             row.size, row.etag, row.header, row.encode_seconds = size, etag, header, seconds
             row.updated_at = utcnow()
             s.commit()
+            return PENDING
+
+    def set_stream(self, image_id: str, *, size: int, etag: str, header: dict[str, Any]) -> bool:
+        """Make a ready row describe the stored stream; True when it described other bytes."""
+        with self.session(write=True) as s:
+            row = s.scalars(select(ImageRecord).where(ImageRecord.id == image_id).with_for_update()).first()
+            if row is None or row.status != READY or row.etag == etag:
+                return False
+            row.size, row.etag, row.header, row.updated_at = size, etag, header, utcnow()
+            s.commit()
             return True
 
-    def mark_failed(self, image_id: str, reason: str) -> bool:
+    def mark_failed(self, image_id: str, reason: str, *, only_pending: bool = False) -> bool:
+        """Record a failure. Encoders pass `only_pending`: a duplicate job that fails must not
+        overwrite the outcome of the copy that succeeded."""
         with self.session(write=True) as s:
-            row = s.scalars(select(ImageRecord).where(ImageRecord.id == image_id)).first()
-            if row is None:
+            row = s.scalars(select(ImageRecord).where(ImageRecord.id == image_id).with_for_update()).first()
+            if row is None or (only_pending and row.status != PENDING):
                 return False
             row.status, row.reason = FAILED, reason[:1000]
             row.size = row.etag = row.header = None
@@ -185,6 +237,14 @@ class Database:
         q = select(ImageRecord).order_by(ImageRecord.seq)
         if statuses is not None:
             q = q.where(ImageRecord.status.in_(list(statuses)))
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def pending_before(self, age_s: float) -> list[str]:
+        """Ids of rows pending for longer than `age_s` seconds (their job may have been lost)."""
+        cutoff = utcnow() - timedelta(seconds=age_s)
+        q = (select(ImageRecord.id).where(ImageRecord.status == PENDING, ImageRecord.updated_at <= cutoff)
+             .order_by(ImageRecord.seq))
         with self.session() as s:
             return list(s.scalars(q))
 

@@ -2,7 +2,8 @@
 
 `Problem` is raised by the service's own code; the handlers installed by `install()` also convert
 the framework's errors (404 for unknown routes, 405, request validation) and anything unexpected
-(500, logged with its traceback but never sent to the client).
+(500, logged with its traceback but never sent to the client), except outages of a shared
+dependency (database, broker, object store), which are 503 + Retry-After.
 """
 
 from __future__ import annotations
@@ -146,6 +147,18 @@ async def _validation_handler(request: Request, exc: Exception) -> ProblemRespon
 
 
 async def _unexpected_handler(request: Request, exc: Exception) -> ProblemResponse:
+    from compass_serve.server.transient import dependency_name, is_transient
+
+    if is_transient(exc):
+        # A shared dependency is down (database restart, broker outage): a temporary condition the
+        # client should retry, not a bug. Logged briefly; the service reconnects by itself.
+        settings = getattr(request.app.state, "settings", None)
+        retry_after = str(getattr(settings, "retry_after_s", 5))
+        what = dependency_name(exc)
+        log.warning("%s unavailable on %s %s: %s", what, request.method, request.url.path,
+                    type(exc).__name__)
+        return Problem(503, f"the {what} is unavailable; try again later", code="dependency_unavailable",
+                       headers={"Retry-After": retry_after}).response(request.url.path)
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return Problem(500, "internal server error; the failure was logged").response(request.url.path)
 

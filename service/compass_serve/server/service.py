@@ -8,6 +8,11 @@ the encode); `images/<id>.cmp` holds the encoded stream. Ordering that keeps cra
 source blob -> pending row -> (encode) -> .cmp blob -> ready row -> delete source. Start-up
 (`recover`) removes temporary files, requeues pending rows whose source exists, fails the rest,
 and deletes blobs no row refers to.
+
+With `queue=celery` the API process encodes nothing: jobs go to Celery workers (`jobs.py`,
+`celery_worker.py`) and several API processes share the database and blob store. Start-up then
+sweeps nothing (another process may be halfway through a write) and only re-publishes jobs that
+have been pending for long (publishing is idempotent: jobs are keyed by image id).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,29 +33,23 @@ import anyio.to_thread
 import torch
 from PIL import Image, features
 
-from compass_serve.codec import bitstream as bs
 from compass_serve.codec.coder import Codec, ModelMismatch, QualityError
 from compass_serve.codec.ladder import LadderError
 from compass_serve.imageio import ImageInputError, InputLimits, encode_image, load_rgb, sniff_format
 from compass_serve.server.db import FAILED, PENDING, READY, Database, ImageRecord, utcnow
+from compass_serve.server.encoder import Encoder, header_json, source_key, stream_key
 from compass_serve.server.metrics import Metrics
 from compass_serve.server.problems import Problem
 from compass_serve.server.renditions import RenditionCache
 from compass_serve.server.settings import OUTPUT_FORMATS, Settings
-from compass_serve.server.storage import BlobNotFound, BlobStore, LocalBlobStore
+from compass_serve.server.storage import BlobStore, open_store
+from compass_serve.server.transient import is_transient
 from compass_serve.server.worker import EncodeJob, EncodePool, QueueFull, Reservation, Waiters
 
 log = logging.getLogger("compass_serve.server")
 
 ID_VERSION = 1  # bump if the id recipe changes
-
-
-def source_key(image_id: str) -> str:
-    return f"sources/{image_id}"
-
-
-def stream_key(image_id: str) -> str:
-    return f"images/{image_id}.cmp"
+__all__ = ["ImageService", "header_json", "image_id_for", "layer_for_width", "source_key", "stream_key"]
 
 
 @dataclass(frozen=True)
@@ -90,31 +89,32 @@ def layer_for_width(layers: Sequence[dict[str, Any]], width: int) -> int:
     return len(layers) - 1
 
 
-def header_json(header: bs.Header) -> dict[str, Any]:
-    return {
-        "header_length": header.size,
-        "layers": [
-            {"width": e.width, "height": e.height, "offset": e.offset, "length": e.length}
-            for e in header.table
-        ],
-    }
-
-
 class ImageService:
     """Upload, encode, list, delete and render images; owns every stateful component."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, store: BlobStore | None = None, queue: Any = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.db = Database(settings.db_url)
-        self.store: BlobStore = LocalBlobStore(settings.blob_dir)
+        self.store: BlobStore = store if store is not None else open_store(settings)
+        # Renditions are cached on each API node's own disk, whatever the blob store.
         self.cache = RenditionCache(settings.rendition_dir, settings.rendition_cache_bytes)
-        self.pool = EncodePool(settings.encode_workers, settings.queue_size, self._encode)
+        self.remote = settings.queue == "celery"
+        if queue is None:
+            if self.remote:
+                from compass_serve.server.jobs import CeleryQueue
+
+                queue = CeleryQueue(settings)
+            else:
+                queue = EncodePool(settings.encode_workers, settings.queue_size, self._encode)
+        self.pool = queue
         self.waiters = Waiters()
         self.limits = InputLimits(
             max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
             max_side=settings.max_side, formats=settings.formats,
         )
+        self.encoder = Encoder(self.db, self.store, lambda: self.codec, self.limits, metrics=self.metrics,
+                               codec_error=lambda: self.codec_error)
         self.codec: Codec | None = None
         self.codec_error: str | None = None
         self.output_formats = tuple(
@@ -126,7 +126,7 @@ class ImageService:
         self._saved_threads: int | None = None
         self.decode_limiter: anyio.CapacityLimiter | None = None
         self.upload_limiter: anyio.CapacityLimiter | None = None
-        self.metrics.bind_queue_depth(self.pool.depth)
+        self.metrics.bind_queue_depth(_zero_on_error(self.pool.depth))
         self.metrics.bind_cache_bytes(lambda: self.cache.total_bytes)
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -137,7 +137,8 @@ class ImageService:
         if s.torch_threads:
             self._saved_threads = torch.get_num_threads()
             torch.set_num_threads(s.torch_threads)
-        self.db.create_all()
+        revision = self.db.migrate()
+        log.info("database schema at revision %s", revision)
         try:
             self.codec = Codec.load(s.model, s.model_store)
             self.codec_error = None
@@ -145,12 +146,29 @@ class ImageService:
             # Keep serving what can be served (lists, manifests, bitstreams); /readyz says why not ready.
             self.codec_error = f"cannot load model {s.model!r}: {exc}"
             log.error(self.codec_error)
+        if self.remote:
+            self._start_remote()
+            return
         pending = self.recover()
         self.pool.start()
         for image_id in pending:
             self.pool.submit(EncodeJob(image_id))
         if pending:
             log.info("requeued %d pending image(s)", len(pending))
+
+    def _start_remote(self) -> None:
+        """Shared state: sweep nothing, re-publish jobs that may have been lost."""
+        self.cache.load(row.id for row in self.db.all_rows([READY]))
+        try:
+            stale = self.db.pending_before(self.settings.requeue_after_s)
+            for image_id in stale:
+                self.pool.submit(EncodeJob(image_id))
+            if stale:
+                log.info("re-published %d long-pending job(s)", len(stale))
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("could not re-publish pending jobs now (%s); the next start-up will", exc)
 
     def stop(self) -> None:
         self.pool.stop()
@@ -202,7 +220,17 @@ class ImageService:
             out["database"] = "ok"
         except Exception as exc:  # any driver error means not ready
             out["database"] = f"unreachable: {type(exc).__name__}"
-        out["worker"] = "ok" if self.pool.alive() else "not running"
+        if not self.remote:
+            out["worker"] = "ok" if self.pool.alive() else "not running"
+            return out
+        out["queue"] = "ok" if self.pool.alive() else "unreachable"
+        try:
+            workers = self.pool.workers()
+            devices = ", ".join(f"{name}={dev}" for name, dev in sorted(workers.items()))
+            # Informational: without workers uploads still queue, so the API stays ready.
+            out["workers"] = f"ok: {len(workers)} ({devices})" if workers else "ok: none seen yet"
+        except Exception as exc:
+            out["workers"] = f"ok: unknown ({type(exc).__name__})"
         return out
 
     def require_codec(self) -> Codec:
@@ -278,6 +306,7 @@ class ImageService:
         except QueueFull as exc:
             self.metrics.uploads.labels("queue_full").inc()
             raise self.queue_full(f"{exc}; try again later") from None
+        created = False
         try:
             assert self.codec is not None
             self.store.put(source_key(prep.image_id), data)
@@ -301,12 +330,19 @@ class ImageService:
             self.pool.submit(EncodeJob(prep.image_id, prep.image), slot)
         except BaseException:
             slot.release()
+            if created:
+                # Not acknowledged (the job could not be queued): leave no trace of the upload.
+                with contextlib.suppress(Exception):
+                    self.db.delete(prep.image_id)
+                    self.store.delete(source_key(prep.image_id))
             raise
         self.metrics.uploads.labels("accepted").inc()
         return record, True
 
     async def wait_for(self, image_id: str, timeout: float) -> ImageRecord | None:
         """Wait until the image leaves `pending` (or `timeout`); the current record."""
+        if self.remote:
+            return await self._poll_until_done(image_id, timeout)
         fut = self.waiters.register(image_id)
         try:
             row = await self.get(image_id)
@@ -317,44 +353,23 @@ class ImageService:
             self.waiters.discard(image_id, fut)
         return await self.get(image_id)
 
+    async def _poll_until_done(self, image_id: str, timeout: float) -> ImageRecord | None:
+        # The encode runs in another process: nothing wakes us, so the row is polled.
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            row = await self.get(image_id)
+            if row is None or row.status != PENDING or time.monotonic() >= deadline:
+                return row
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 0.5)
+
     # -- encode (worker threads) ------------------------------------------------------------------
     def _encode(self, job: EncodeJob) -> None:
-        image_id = job.image_id
         try:
-            row = self.db.get(image_id)
-            if row is None or row.status != PENDING:
-                return  # deleted (or done by a duplicate job) meanwhile
-            codec = self.codec
-            if codec is None:
-                raise RuntimeError(self.codec_error or "the model is not loaded")
-            if codec.weights_id.hex() != row.weights_id:
-                raise ValueError("the server's weights changed since the upload; upload the image again")
-            image = job.image
-            if image is None:
-                image = load_rgb(self.store.get(source_key(image_id)), self.limits)
-            t0 = time.perf_counter()
-            data = codec.encode(image, widths=row.widths, scales=row.scales, quality=row.quality)
-            seconds = time.perf_counter() - t0
-            header = bs.parse_header(data)
-            self.store.put(stream_key(image_id), data)
-            if not self.db.mark_ready(image_id, size=len(data), etag=hashlib.sha256(data).hexdigest(),
-                                      header=header_json(header), seconds=seconds):
-                self.store.delete(stream_key(image_id))  # deleted while encoding
-            self.store.delete(source_key(image_id))
-            self.metrics.encode_seconds.observe(seconds)
-            self.metrics.encodes.labels("ok").inc()
-        except Exception as exc:
-            if isinstance(exc, ValueError | BlobNotFound):
-                reason = f"encoding failed: {exc}"
-            else:
-                log.exception("encoding %s failed", image_id)
-                reason = f"encoding failed: internal error ({type(exc).__name__})"
-            self.db.mark_failed(image_id, reason)
-            self.store.delete(stream_key(image_id))
-            self.store.delete(source_key(image_id))
-            self.metrics.encodes.labels("failed").inc()
+            self.encoder.run(job.image_id, job.image)
         finally:
-            self.waiters.resolve(image_id)
+            self.waiters.resolve(job.image_id)
 
     # -- reads ------------------------------------------------------------------------------------
     async def get(self, image_id: str) -> ImageRecord | None:
@@ -432,15 +447,31 @@ class ImageService:
         k = layer_for_width(layers, width)
         end = layers[k]["offset"] + layers[k]["length"]
         t0 = time.perf_counter()
-        # Only the prefix up to layer k is read: that is all the decoder needs.
-        prefix = self.store.read_range(stream_key(row.id), 0, end)
-        try:
-            out = codec.decode(prefix, width=width)
-        except ModelMismatch as exc:
-            raise Problem(409, f"the image was encoded with other weights than this server holds: {exc}",
-                          code="model_mismatch") from None
         quality = None if fmt == "png" else self.settings.output_quality
-        data = encode_image(out.image, fmt, quality=quality)
+        if self.remote and self.settings.decode_offload:
+            # A worker (with the GPU) decodes; the answer is cached on this node like any other.
+            data = self.pool.render(row.id, end, width, fmt, quality, self.settings.wait_timeout_s)
+        else:
+            # Only the prefix up to layer k is read: that is all the decoder needs.
+            prefix = self.store.read_range(stream_key(row.id), 0, end)
+            try:
+                out = codec.decode(prefix, width=width)
+            except ModelMismatch as exc:
+                raise Problem(409, f"the image was encoded with other weights than this server holds: "
+                              f"{exc}", code="model_mismatch") from None
+            data = encode_image(out.image, fmt, quality=quality)
         self.metrics.decode_seconds.observe(time.perf_counter() - t0)
         self.cache.put(row.id, width, fmt, data)
         return data
+
+
+def _zero_on_error(fn: Callable[[], int]) -> Callable[[], int]:
+    """A metrics gauge must not fail the scrape while the broker is unreachable."""
+
+    def safe() -> int:
+        try:
+            return fn()
+        except Exception:
+            return 0
+
+    return safe

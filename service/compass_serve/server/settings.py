@@ -6,7 +6,7 @@ Every limit the service enforces lives here so that a deployment can tune it wit
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -62,6 +62,45 @@ class Settings(BaseSettings):
         "0 keeps torch's default",
     )
     page_size_max: int = Field(100, ge=1)
+
+    # -- scale-out: each part is switched on by its own setting; the defaults are embedded ----------
+    queue: Literal["local", "celery"] = Field(
+        "local", description="`local`: encode threads in the API process; `celery`: jobs go to "
+        "Celery workers through `broker_url`",
+    )
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis)")
+    result_backend: str | None = Field(None, description="Celery result backend; default: the broker")
+    decode_offload: bool = Field(
+        False, description="with `queue=celery`: cold rendition decodes run on the workers (API "
+        "nodes without a GPU); renditions are still cached on the API node",
+    )
+    job_max_retries: int = Field(8, ge=0, description="retries of a job after transient errors")
+    job_backoff_s: float = Field(2.0, gt=0, description="first retry delay; doubles, capped")
+    job_backoff_max_s: float = Field(60.0, gt=0)
+    visibility_timeout_s: int = Field(
+        900, ge=1, description="an unacknowledged job (its worker died) is redelivered after this "
+        "long; longer than the slowest encode, or slow jobs run twice (harmless, jobs are idempotent)",
+    )
+    requeue_after_s: float = Field(
+        600.0, ge=0, description="with `queue=celery`: pending images older than this are "
+        "re-published at API start-up (a job lost between commit and publish)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="worker device; auto: cuda if present")
+    worker_health_port: int = Field(8001, ge=0, le=65535, description="worker /healthz, /readyz; 0: off")
+    heartbeat_s: float = Field(10.0, gt=0, description="how often a worker announces itself in Redis")
+
+    blob_store: Literal["local", "s3"] = Field("local", description="where bitstreams and uploads live")
+    s3_bucket: str = "compass"
+    s3_prefix: str = Field("", description="key prefix inside the bucket, e.g. `prod/`")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO); default: AWS")
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_presign: bool = Field(
+        False, description="bitstream GETs answer 307 to a presigned URL instead of proxying range GETs",
+    )
+    s3_presign_expiry_s: int = Field(300, ge=1)
+    s3_create_bucket: bool = Field(True, description="create the bucket at start-up when it is missing")
 
     # -- protection ---------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="required for POST/DELETE when set")

@@ -1,4 +1,5 @@
-"""Blob storage: a `BlobStore` protocol and its local-directory implementation.
+"""Blob storage: a `BlobStore` protocol and its local-directory implementation (the S3 one is in
+`s3store.py`; `open_store(settings)` picks by `COMPASS_BLOB_STORE`).
 
 Writes are atomic: bytes go to a temporary file in the same file system, are fsynced, renamed
 over the final name, and the directory is fsynced. A crash at any point leaves either no blob or
@@ -15,7 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 _KEY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
 
@@ -51,6 +52,13 @@ class BlobStore(Protocol):
 
     def recover(self) -> int:
         """Clean up after interrupted writes; returns how many leftovers were removed."""
+
+
+def check_key(key: str) -> str:
+    """Keys are built by the service, but one escaping the store's root must be impossible anyway."""
+    if not _KEY.match(key) or ".." in key.split("/"):
+        raise ValueError(f"invalid blob key {key!r}")
+    return key
 
 
 def fsync_dir(path: Path) -> None:
@@ -97,10 +105,7 @@ class LocalBlobStore:
         self.tmp.mkdir(exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        # Keys are built by the service, but a path escaping the root must be impossible anyway.
-        if not _KEY.match(key) or ".." in key.split("/"):
-            raise ValueError(f"invalid blob key {key!r}")
-        return self.root / key
+        return self.root / check_key(key)
 
     def put(self, key: str, data: bytes) -> None:
         atomic_write(self._path(key), data, self.tmp)
@@ -153,3 +158,12 @@ class LocalBlobStore:
                     entry.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def open_store(settings: Any) -> BlobStore:
+    """The blob store the settings name (`local`: the data dir's blobs/; `s3`: a bucket)."""
+    if settings.blob_store == "s3":
+        from compass_serve.server.s3store import S3BlobStore
+
+        return S3BlobStore.from_settings(settings)
+    return LocalBlobStore(settings.blob_dir)

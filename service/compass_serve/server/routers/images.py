@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Query, Request, Security
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from compass_serve.server import schemas
@@ -226,9 +226,10 @@ def create_router(settings: Settings, output_formats: tuple[str, ...]) -> APIRou
         headers = {"ETag": etag, "Cache-Control": IMMUTABLE, "Accept-Ranges": "bytes"}
         if etag_matches(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers=headers)
-        path = svc.store.local_path(stream_key(image_id))
-        # Only the local store exists today; a remote store would redirect to a presigned URL here.
-        assert path is not None
+        key = stream_key(image_id)
+        path = svc.store.local_path(key)
+        if path is None:
+            return await remote_bitstream(request, svc, key, row.size, headers)
         stat = os.stat(path)
         http_range = request.headers.get("range")
         if_range = request.headers.get("if-range")
@@ -325,6 +326,40 @@ def create_router(settings: Settings, output_formats: tuple[str, ...]) -> APIRou
         return Response(status_code=204)
 
     return router
+
+
+async def remote_bitstream(request: Request, svc: ImageService, key: str, size: int,
+                           headers: dict[str, str]) -> Response:
+    """The bitstream from an object store: a presigned redirect, or range GETs proxied."""
+    settings = svc.settings
+    presign = getattr(svc.store, "presigned_url", None)
+    if settings.s3_presign and presign is not None:
+        # The client repeats its Range header on the redirect; the store answers the ranges.
+        url = await anyio.to_thread.run_sync(presign, key, settings.s3_presign_expiry_s)
+        return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
+    http_range = request.headers.get("range")
+    if_range = request.headers.get("if-range")
+    ranges: list[tuple[int, int]] | None = []
+    if http_range is not None and (if_range is None or etag_matches(if_range, headers["ETag"])):
+        ranges = RangeFileResponse.evaluate(http_range, size)
+    if ranges is None:
+        raise Problem(416, f"no requested range starts inside the {size}-byte stream",
+                      code="range_not_satisfiable", headers={"Content-Range": f"bytes */{size}", **headers})
+    if request.method == "HEAD":
+        length = sum(end - start for start, end in ranges) if len(ranges) == 1 else size
+        status = 206 if len(ranges) == 1 else 200
+        extra = {"Content-Range": f"bytes {ranges[0][0]}-{ranges[0][1] - 1}/{size}"} if status == 206 else {}
+        return Response(status_code=status, headers={**headers, **extra, "Content-Length": str(length)},
+                        media_type="application/octet-stream")
+    if len(ranges) == 1:
+        # One range GET to the store for exactly the bytes asked for.
+        start, end = ranges[0]
+        data = await anyio.to_thread.run_sync(svc.store.read_range, key, start, end)
+        return Response(data, status_code=206, media_type="application/octet-stream",
+                        headers={**headers, "Content-Range": f"bytes {start}-{end - 1}/{size}"})
+    # No range, or several (rare for layer fetches): the whole stream in one GET.
+    data = await anyio.to_thread.run_sync(svc.store.get, key)
+    return Response(data, media_type="application/octet-stream", headers=headers)
 
 
 def require_key_ok(request: Request, api_key: str) -> bool:
