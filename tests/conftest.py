@@ -16,6 +16,7 @@ from compass_serve.codec.coder import Codec
 from compass_serve.codec.registry import PRESETS, build, save_model
 
 if TYPE_CHECKING:
+    from tests.backing import PostgresServer, RedisServer
     from tests.server_harness import LiveServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,3 +62,26 @@ def client(server: LiveServer) -> Iterator[httpx.Client]:
     """An httpx client for the module's `server` fixture (each server test module defines one)."""
     with server.client() as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One throw-away PostgreSQL server for the session (each test makes its own database)."""
+    from tests.backing import PostgresServer
+
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    from tests.backing import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -173,6 +173,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from compass_serve.server import Settings
+    from compass_serve.server.worker_main import run_worker
+
+    # A worker only makes sense on the Celery queue, whatever COMPASS_QUEUE says.
+    settings = Settings(queue="celery")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    run_worker(settings, concurrency=args.concurrency, pool=args.pool, name=args.name)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from compass_serve.server import Settings
+    from compass_serve.server.db import Database
+
+    db = Database(Settings().db_url)
+    print(f"database schema at revision {db.migrate()}")
+    db.close()
+    return 0
+
+
 def _client(args: argparse.Namespace) -> Client:
     from compass_serve.client import Client
 
@@ -302,6 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--data-dir", default=None,
                     help="all state lives here; default: COMPASS_DATA_DIR or ./data")
     sv.set_defaults(func=cmd_serve)
+
+    wk = sub.add_parser("worker", help="run a Celery encode/decode worker (settings: COMPASS_* variables)")
+    wk.add_argument("--concurrency", type=int, default=1, help="jobs at once (processes); default 1")
+    wk.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
+                    help="prefork (default): a dying job process is noticed and its job requeued")
+    wk.add_argument("--name", default=None, help="worker name; default compass@<hostname>")
+    wk.set_defaults(func=cmd_worker)
+
+    mg = sub.add_parser("migrate", help="create or upgrade the database schema (COMPASS_DATABASE_URL)")
+    mg.set_defaults(func=cmd_migrate)
 
     def client_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--server", default=None, help="default: COMPASS_URL or http://127.0.0.1:8000")

@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(10.0, gt=0, description="how often a worker announces itself in Redis")
 
     blob_store: Literal["local", "s3"] = Field("local", description="where bitstreams and uploads live")
+    blob_path: Path | None = Field(
+        None, description="local store directory; default: `blobs/` in the data dir (set it to a "
+        "shared directory when several processes on one host share the store)",
+    )
     s3_bucket: str = "compass"
     s3_prefix: str = Field("", description="key prefix inside the bucket, e.g. `prod/`")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO); default: AWS")
@@ -121,7 +125,7 @@ class Settings(BaseSettings):
     # -- derived paths ------------------------------------------------------------------------
     @property
     def blob_dir(self) -> Path:
-        return self.data_dir / "blobs"
+        return self.blob_path or self.data_dir / "blobs"
 
     @property
     def rendition_dir(self) -> Path:
