@@ -62,9 +62,9 @@ def test_legacy_sqlite_database_is_upgraded_in_place(tmp_path: Path) -> None:
     path = tmp_path / "compass.db"
     with sqlite3.connect(path) as conn:
         conn.executescript(LEGACY_SCHEMA)
-        conn.execute("INSERT INTO images (id, status, model, weights_id, quality, source_format, source_bytes,"
-                     " width, height, size, created_at, updated_at) VALUES ('old', 'ready', 'lite', "
-                     "'00', 3.0, 'PNG', 5, 4, 4, 77, '2025-01-01 00:00:00', '2025-01-01 00:00:00')")
+        conn.execute("INSERT INTO images (id, status, model, weights_id, quality, source_format, "
+                     "source_bytes, width, height, size, created_at, updated_at) VALUES ('old', 'ready', "
+                     "'lite', '00', 3.0, 'PNG', 5, 4, 4, 77, '2025-01-01 00:00:00', '2025-01-01 00:00:00')")
     db = Database(f"sqlite:///{path}")
     try:
         assert migrate.current(db.engine) is None
