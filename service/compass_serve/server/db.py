@@ -169,7 +169,7 @@ class Database:
         with self.session(write=True) as s:
             res = s.execute(update(ImageRecord)
                             .where(ImageRecord.id == image_id, ImageRecord.status == PENDING)
-                            .values(attempts=ImageRecord.attempts + 1, device=device))
+                            .values(attempts=ImageRecord.attempts + 1, device=device, updated_at=utcnow()))
             s.commit()
             if not getattr(res, "rowcount", 0):
                 return None
@@ -240,13 +240,19 @@ class Database:
         with self.session() as s:
             return list(s.scalars(q))
 
-    def pending_before(self, age_s: float) -> list[str]:
-        """Ids of rows pending for longer than `age_s` seconds (their job may have been lost)."""
+    def claim_stale(self, age_s: float, limit: int = 1000) -> list[str]:
+        """Ids of rows pending and untouched (not started, not re-published) for `age_s` seconds:
+        their job may have been lost. Claiming touches them, so each is returned once per period."""
         cutoff = utcnow() - timedelta(seconds=age_s)
         q = (select(ImageRecord.id).where(ImageRecord.status == PENDING, ImageRecord.updated_at <= cutoff)
-             .order_by(ImageRecord.seq))
-        with self.session() as s:
-            return list(s.scalars(q))
+             .order_by(ImageRecord.seq).limit(limit))
+        with self.session(write=True) as s:
+            ids = list(s.scalars(q))
+            if ids:
+                s.execute(update(ImageRecord).where(ImageRecord.id.in_(ids), ImageRecord.status == PENDING)
+                          .values(updated_at=utcnow()))
+                s.commit()
+            return ids
 
     def count(self) -> int:
         with self.session() as s:

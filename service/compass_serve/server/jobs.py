@@ -27,6 +27,7 @@ from compass_serve.server.worker import EncodeJob, QueueFull
 
 log = logging.getLogger("compass_serve.server")
 
+_PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 #: Redis key prefix under which workers announce themselves (value: device), with a TTL.
 WORKER_KEY = "compass:worker:"
 
@@ -68,9 +69,10 @@ class CeleryQueue:
         """Publish an encode job (the decoded upload is not sent: workers read the source blob)."""
         if reservation is not None:
             reservation.used = True
-        # retry=False: while Redis is down the upload answers 503 at once instead of hanging.
+        # Two quick retries replace a pooled connection that died with a Redis restart; while
+        # Redis is down the upload answers 503 within a second instead of hanging.
         self.app.send_task(ENCODE_TASK, args=[job.image_id], task_id=encode_task_id(job.image_id),
-                           queue=ENCODE_QUEUE, retry=False)
+                           queue=ENCODE_QUEUE, retry=True, retry_policy=_PUBLISH_RETRY)
 
     def start(self) -> None:
         pass
@@ -100,7 +102,8 @@ class CeleryQueue:
                timeout: float) -> bytes:
         """Decode a rendition on a worker (blocking; call from a thread)."""
         result = self.app.send_task(RENDER_TASK, args=[image_id, end, width, fmt, quality],
-                                    queue=DECODE_QUEUE, retry=False, ignore_result=False)
+                                    queue=DECODE_QUEUE, retry=True, retry_policy=_PUBLISH_RETRY,
+                                    ignore_result=False)
         try:
             encoded = result.get(timeout=timeout, disable_sync_subtasks=False)
         finally:

@@ -44,7 +44,14 @@ from compass_serve.server.renditions import RenditionCache
 from compass_serve.server.settings import OUTPUT_FORMATS, Settings
 from compass_serve.server.storage import BlobStore, open_store
 from compass_serve.server.transient import is_transient
-from compass_serve.server.worker import EncodeJob, EncodePool, QueueFull, Reservation, Waiters
+from compass_serve.server.worker import (
+    EncodeJob,
+    EncodePool,
+    QueueFull,
+    Reservation,
+    Waiters,
+    republish_stale,
+)
 
 log = logging.getLogger("compass_serve.server")
 
@@ -160,11 +167,7 @@ class ImageService:
         """Shared state: sweep nothing, re-publish jobs that may have been lost."""
         self.cache.load(row.id for row in self.db.all_rows([READY]))
         try:
-            stale = self.db.pending_before(self.settings.requeue_after_s)
-            for image_id in stale:
-                self.pool.submit(EncodeJob(image_id))
-            if stale:
-                log.info("re-published %d long-pending job(s)", len(stale))
+            republish_stale(self.db, self.pool, self.settings.requeue_after_s)
         except Exception as exc:
             if not is_transient(exc):
                 raise

@@ -82,8 +82,9 @@ class Settings(BaseSettings):
         "long; longer than the slowest encode, or slow jobs run twice (harmless, jobs are idempotent)",
     )
     requeue_after_s: float = Field(
-        600.0, ge=0, description="with `queue=celery`: pending images older than this are "
-        "re-published at API start-up (a job lost between commit and publish)",
+        600.0, gt=0, description="with `queue=celery`: images pending and untouched this long have "
+        "their job published again (by API start-up and a sweep in the workers): a job lost between "
+        "commit and publish, or by the broker, is not lost for good",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="worker device; auto: cuda if present")
     worker_health_port: int = Field(8001, ge=0, le=65535, description="worker /healthz, /readyz; 0: off")

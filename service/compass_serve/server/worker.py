@@ -14,6 +14,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image
 
@@ -130,6 +131,21 @@ class EncodePool:
             finally:
                 with self._cv:
                     self._busy -= 1
+
+
+def republish_stale(db: Any, queue: Any, age_s: float) -> int:
+    """Queue again the jobs of images pending and untouched for `age_s` seconds.
+
+    A job can vanish between the row's commit and the broker (a crash in between, a broker that
+    lost a message it had taken); the row says `pending` forever unless someone notices. Jobs are
+    idempotent, so publishing one twice costs at most a duplicate encode.
+    """
+    stale = db.claim_stale(age_s)
+    for image_id in stale:
+        queue.submit(EncodeJob(image_id))
+    if stale:
+        log.warning("re-published %d job(s) pending for over %.0f s", len(stale), age_s)
+    return len(stale)
 
 
 class Waiters:

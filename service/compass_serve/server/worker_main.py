@@ -22,8 +22,11 @@ from compass_serve.codec.registry import load_model
 from compass_serve.server.celery_app import DECODE_QUEUE, ENCODE_QUEUE
 from compass_serve.server.celery_worker import create_worker_app, device_label, pick_device
 from compass_serve.server.db import Database
-from compass_serve.server.jobs import WORKER_KEY
+from compass_serve.server.jobs import WORKER_KEY, CeleryQueue
 from compass_serve.server.settings import Settings
+from compass_serve.server.worker import republish_stale
+
+SWEEP_LOCK = "compass:stale-sweep"
 
 log = logging.getLogger("compass_serve.worker")
 
@@ -92,6 +95,18 @@ class WorkerHealth:
             stop.wait(interval)
 
 
+def sweep_forever(settings: Settings, queue: CeleryQueue, name: str, stop: threading.Event) -> None:
+    """Re-publish lost jobs; one worker at a time does it (a Redis lock per period)."""
+    period = max(1.0, settings.requeue_after_s / 4)
+    db = Database(settings.db_url)
+    while not stop.wait(period):
+        try:
+            if queue.redis.set(SWEEP_LOCK, name, nx=True, px=int(period * 1000)):
+                republish_stale(db, queue, settings.requeue_after_s)
+        except Exception as exc:  # an outage: the next period tries again
+            log.debug("stale-job sweep skipped: %s", exc)
+
+
 def run_worker(settings: Settings, *, concurrency: int = 1, pool: str = "prefork",
                name: str | None = None, queues: str = f"{ENCODE_QUEUE},{DECODE_QUEUE}") -> None:
     """Run a worker until it is stopped (blocking)."""
@@ -112,6 +127,8 @@ def run_worker(settings: Settings, *, concurrency: int = 1, pool: str = "prefork
                      daemon=True).start()
     Database(settings.db_url).migrate()  # a worker may be the first process up
     app, _runtime = create_worker_app(settings)
+    threading.Thread(target=sweep_forever, args=(settings, CeleryQueue(settings, app), name, stop),
+                     name="stale-job-sweep", daemon=True).start()
     try:
         app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={concurrency}", f"--pool={pool}",
                          f"--hostname={name}", f"--queues={queues}", "--without-gossip", "--without-mingle",
