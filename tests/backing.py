@@ -117,6 +117,29 @@ class PostgresServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+class ExternalPostgres:
+    """A PostgreSQL server someone else runs (CI: `.ci/run` starts Debian's cluster); never stopped here.
+
+    Named by COMPASS_TEST_DATABASE_URL, a superuser's URL to its `postgres` database.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        u = make_url(self.url)
+        with psycopg.connect(host=u.host, port=u.port, user=u.username, password=u.password,
+                             dbname=u.database or "postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return u.set(database=name).render_as_string(hide_password=False)
+
+    def close(self) -> None:
+        pass
+
+
 class RedisServer:
     """redis-server with an append-only file, so a restart keeps queued jobs (as in production)."""
 

@@ -16,7 +16,7 @@ from compass_serve.codec.coder import Codec
 from compass_serve.codec.registry import PRESETS, build, save_model
 
 if TYPE_CHECKING:
-    from tests.backing import PostgresServer, RedisServer
+    from tests.backing import ExternalPostgres, PostgresServer
     from tests.server_harness import LiveServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,11 +65,15 @@ def client(server: LiveServer) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    """One throw-away PostgreSQL server for the session (each test makes its own database)."""
-    from tests.backing import PostgresServer
+def pg_server() -> Iterator[PostgresServer | ExternalPostgres]:
+    """PostgreSQL for the session (each test makes its own database): the server CI started
+    (COMPASS_TEST_DATABASE_URL), else a throw-away one. Tests that stop the server start their own."""
+    import os
 
-    server = PostgresServer().start()
+    from tests.backing import ExternalPostgres, PostgresServer
+
+    external = os.environ.get("COMPASS_TEST_DATABASE_URL")
+    server = ExternalPostgres(external) if external else PostgresServer().start()
     try:
         yield server
     finally:
@@ -77,12 +81,19 @@ def pg_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
+def redis_url() -> Iterator[str]:
+    """Redis for the session: the server CI started (COMPASS_TEST_REDIS_URL), else a throw-away one."""
+    import os
+
     from tests.backing import RedisServer
 
+    external = os.environ.get("COMPASS_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
     server = RedisServer().start()
     try:
-        yield server
+        yield server.url
     finally:
         server.close()
 

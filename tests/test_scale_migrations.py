@@ -15,7 +15,7 @@ from sqlalchemy import inspect, text
 
 from compass_serve.server import migrate
 from compass_serve.server.db import PENDING, READY, Base, Database, ImageRecord
-from tests.backing import PostgresServer
+from tests.backing import ExternalPostgres, PostgresServer
 
 # The `images` table exactly as builds before migrations created it (Base.metadata.create_all).
 LEGACY_SCHEMA = """
@@ -40,7 +40,7 @@ def _record(image_id: str, status: str = PENDING) -> ImageRecord:
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'compass.db'}"
-    pg: PostgresServer = request.getfixturevalue("pg_server")
+    pg: PostgresServer | ExternalPostgres = request.getfixturevalue("pg_server")
     return pg.create_database(f"m_{uuid.uuid4().hex[:12]}")
 
 
@@ -92,7 +92,7 @@ def test_downgrade_then_upgrade_keeps_rows(database_url: str) -> None:
         db.close()
 
 
-def test_concurrent_start_ups_migrate_once(pg_server: PostgresServer) -> None:
+def test_concurrent_start_ups_migrate_once(pg_server: PostgresServer | ExternalPostgres) -> None:
     """Several processes starting at once against one empty database: all reach head, no errors."""
     url = pg_server.create_database(f"c_{uuid.uuid4().hex[:12]}")
     dbs = [Database(url) for _ in range(4)]
