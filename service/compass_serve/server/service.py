@@ -453,7 +453,16 @@ class ImageService:
         quality = None if fmt == "png" else self.settings.output_quality
         if self.remote and self.settings.decode_offload:
             # A worker (with the GPU) decodes; the answer is cached on this node like any other.
-            data = self.pool.render(row.id, end, width, fmt, quality, self.settings.wait_timeout_s)
+            try:
+                data = self.pool.render(row.id, end, width, fmt, quality, self.settings.wait_timeout_s)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                # No worker answered in time, or the worker failed: a temporary condition here.
+                log.warning("offloaded decode of %s at %d failed: %s", row.id, width, type(exc).__name__)
+                raise Problem(503, "no worker could decode this rendition now; try again later",
+                              code="decode_unavailable",
+                              headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         else:
             # Only the prefix up to layer k is read: that is all the decoder needs.
             prefix = self.store.read_range(stream_key(row.id), 0, end)

@@ -212,6 +212,8 @@ def create_router(settings: Settings, output_formats: tuple[str, ...]) -> APIRou
             206: {"description": "one range, or several as multipart/byteranges",
                   "content": {"application/octet-stream": _BINARY, "multipart/byteranges": _BINARY}},
             304: {"description": "not modified (If-None-Match)"},
+            **({307: {"description": "redirect to a presigned object-store URL (ranges are kept)"}}
+               if settings.blob_store == "s3" and settings.s3_presign else {}),
             **_p(*r403, 404, 409, 416),
         },
     )
