@@ -425,8 +425,20 @@ class ImageService:
             self._decodes -= 1
             del self._flights[key]
 
-    def _render(self, row: ImageRecord, width: int, fmt: str) -> bytes:
+    def codec_for(self, row: ImageRecord) -> Codec:
+        """The codec for a stored image: the served weights, or the archived version that coded it
+        (images stored before the weights were retrained stay decodable)."""
         codec = self.require_codec()
+        if row.weights_id == codec.weights_id.hex() and row.model == codec.name:
+            return codec
+        try:
+            return Codec.load(row.model, self.settings.model_store, bytes.fromhex(row.weights_id))
+        except LookupError as exc:
+            raise Problem(409, f"the image was encoded with weights this server does not have: {exc}",
+                          code="model_mismatch") from None
+
+    def _render(self, row: ImageRecord, width: int, fmt: str) -> bytes:
+        codec = self.codec_for(row)
         assert row.header is not None
         layers = row.header["layers"]
         k = layer_for_width(layers, width)
