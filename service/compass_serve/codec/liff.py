@@ -53,7 +53,7 @@ class DenseBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [x]
         for conv in self.convs:
-            feats.append(torch.relu(conv(torch.cat(feats, 1))))
+            feats.append(torch.relu_(conv(torch.cat(feats, 1))))  # in place: conv keeps no output
         return x + self.fuse(torch.cat(feats, 1))
 
 
@@ -183,8 +183,8 @@ class Liff(nn.Module):
         index = (offsets + src[None, :]).reshape(-1)
         first, g, bias = (m.reshape(-1, m.shape[-1]).index_select(0, index).view(b, -1, m.shape[-1])
                           for m in lowres)                                # [B, P, .]
-        h = torch.relu(first + coord)
+        h = torch.relu_(first + coord)  # in place: neither add nor addmm needs its output
         for layer in self.hidden:
-            h = torch.relu(layer(h))
+            h = torch.relu_(layer(h))
         pred = (g.view(b, -1, 3, hid) * h.unsqueeze(2)).sum(-1) + bias    # [B, P, 3]
         return pred.transpose(1, 2).reshape(b, 3, n_rows, w_hi)
