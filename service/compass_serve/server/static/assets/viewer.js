@@ -152,6 +152,13 @@ function renderManifest() {
     + `(header ${bytes(m.header_length)}), top layer ${top.width}×${top.height}.`;
   const body = $("layer-table").tBodies[0];
   body.replaceChildren();
+  const head = document.createElement("tr");
+  cell(head, "header", true);
+  cell(head, "–");
+  cell(head, bytes(m.header_length));
+  cell(head, `0–${m.header_length - 1}`);
+  cell(head, percent(m.header_length, m.size));
+  body.append(head);
   for (const la of m.layers) {
     const tr = document.createElement("tr");
     cell(tr, String(la.index), true);
