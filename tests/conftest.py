@@ -71,7 +71,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     longrepr = skipped[0].longrepr
     reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
     terminalreporter.section("BROWSER TESTS DID NOT RUN", sep="!", red=True, bold=True)
-    terminalreporter.write_line(f"{len(skipped)} viewer browser test(s) skipped: {reason}", red=True, bold=True)
+    terminalreporter.write_line(f"{len(skipped)} viewer browser test(s) skipped: {reason}",
+                                red=True, bold=True)
     terminalreporter.write_line("the viewer page is untested in a browser; install Chromium with "
                                 "`apt-get install -y chromium chromium-driver` (as .ci/run does)",
                                 red=True, bold=True)

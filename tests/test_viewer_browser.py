@@ -102,6 +102,14 @@ def _natural_width(page: Any, selector: str) -> int:
     return int(page.eval_on_selector(selector, "img => img.naturalWidth"))
 
 
+def _wait_status(page: Any, prefix: str) -> None:
+    page.wait_for_function(f"() => document.getElementById('status').textContent.startsWith('{prefix}')")
+
+
+def _wait_count(page: Any, selector: str, n: int) -> None:
+    page.wait_for_function(f"() => document.querySelectorAll('{selector}').length === {n}")
+
+
 def _set_display_width(page: Any, px: int) -> None:
     page.eval_on_selector("#display-width", """(el, px) => {
         el.value = String(px); el.dispatchEvent(new Event("input", { bubbles: true })); }""", px)
@@ -117,7 +125,7 @@ def test_upload_progressive_delivery_and_srcset(browser: Any, photo_file: Path, 
             # it already has in its memory cache, so the page must not have loaded a wide one first.
             page.eval_on_selector("#display-width", "el => { el.value = '96'; }")
             _upload(page, photo_file, ",".join(map(str, LADDER)))
-            page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Ready')")
+            _wait_status(page, "Ready")
             with httpx.Client(base_url=srv.url) as c:
                 manifest = c.get("/images").json()["items"][0]["links"]["manifest"]
                 m = c.get(manifest).json()
@@ -136,7 +144,7 @@ def test_upload_progressive_delivery_and_srcset(browser: Any, photo_file: Path, 
                     page.keyboard.press("Enter")
                 else:
                     page.click("#step")
-                page.wait_for_function(f"() => document.querySelectorAll('#steps tbody tr').length === {k + 1}")
+                _wait_count(page, "#steps tbody tr", k + 1)
                 assert _natural_width(page, "#progressive") == la["width"]
                 assert page.eval_on_selector("#bytes-bar", "b => b.value") == la["byte_end"] + 1
                 row = page.inner_text(f"#steps tbody tr:nth-child({k + 1})")
@@ -187,8 +195,8 @@ def test_upload_progressive_delivery_and_srcset(browser: Any, photo_file: Path, 
             item = page.locator(f"#image-list li[data-id='{m['id']}']")
             item.wait_for()
             item.get_by_role("button", name="Delete").click()
-            page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Deleted')")
-            page.wait_for_function("() => document.querySelectorAll('#image-list li').length === 0")
+            _wait_status(page, "Deleted")
+            _wait_count(page, "#image-list li", 0)
             assert page.is_visible("#list-empty")
             assert page.is_hidden("#image-section")
             with httpx.Client(base_url=srv.url) as c:
@@ -213,12 +221,12 @@ def test_write_api_key_from_the_page(browser: Any, photo_file: Path, tiny_store:
             page.fill("#api-key", "s3cret-key")
             assert page.evaluate("sessionStorage.getItem('compass-serve.api-key')") == "s3cret-key"
             page.click("#upload-btn")
-            page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Ready')")
+            _wait_status(page, "Ready")
             posts = [r for r in log.requests if r.method == "POST"]
             assert [r.all_headers().get("x-api-key") for r in posts] == [None, "s3cret-key"]
             page.on("dialog", lambda d: d.accept())
             page.click("#delete-current")
-            page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Deleted')")
+            _wait_status(page, "Deleted")
             deletes = [r for r in log.requests if r.method == "DELETE"]
             assert [r.all_headers().get("x-api-key") for r in deletes] == ["s3cret-key"]
             # The 401 answer is logged by Chromium as a failed resource; nothing else may go wrong.
