@@ -69,7 +69,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not skipped:
         return
     longrepr = skipped[0].longrepr
-    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    reason = (longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)).removeprefix("Skipped: ")
     terminalreporter.section("BROWSER TESTS DID NOT RUN", sep="!", red=True, bold=True)
     terminalreporter.write_line(f"{len(skipped)} viewer browser test(s) skipped: {reason}",
                                 red=True, bold=True)

@@ -187,6 +187,9 @@ def test_upload_progressive_delivery_and_srcset(browser: Any, photo_file: Path, 
             # Phone width: nothing wider than the viewport.
             page.set_viewport_size({"width": 375, "height": 800})
             assert page.evaluate("document.documentElement.scrollWidth") <= 375
+            # ... and the tables fit too (no sideways scrolling inside their regions).
+            assert page.evaluate("""() => [...document.querySelectorAll('.scroll')]
+                .every(d => d.scrollWidth <= d.clientWidth)""")
             page.screenshot(path=str(ARTIFACTS / "viewer-phone.png"), full_page=True)
 
             # Browse and delete (the confirm dialog accepted).

@@ -253,6 +253,9 @@ function addStepRow(k, range) {
   cell(tr, bytes(range.end + 1));
   cell(tr, c ? pair(c.jpeg_bytes, c.jpeg_bytes_cumulative) : "–");
   cell(tr, c ? pair(c.webp_bytes, c.webp_bytes_cumulative) : "–");
+  // Column names on the cells, for the stacked layout at phone width.
+  const names = [...$("steps").tHead.rows[0].cells].map((th) => th.textContent);
+  [...tr.cells].forEach((td, i) => { td.dataset.label = names[i]; });
   $("steps").tBodies[0].append(tr);
 }
 
