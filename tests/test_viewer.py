@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import update
 
 from compass_serve.imageio import encode_image, resize
+from compass_serve.server import service as service_module
 from compass_serve.server.db import ImageRecord
 from compass_serve.server.routers.viewer import ASSETS_DIR, PAGE
 from compass_serve.server.worker import EncodeJob
@@ -175,3 +176,15 @@ def test_costs_of_unknown_and_pending_images(client: httpx.Client, server: LiveS
         gate.set()
     assert wait_ready(client, image_id, timeout=30)["status"] == "ready"
     assert client.get(f"/images/{image_id}/costs").json()["recorded"] is True
+
+
+def test_a_failed_comparison_does_not_fail_the_image(client: httpx.Client,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_a: object, **_k: object) -> dict:
+        raise OSError("encoder unavailable")
+
+    monkeypatch.setattr(service_module, "reference_sizes", broken)
+    manifest = wait_ready(client, upload(client, png_bytes(photo(48, 32, seed=8))).json()["id"])
+    assert manifest["status"] == "ready"
+    body = client.get(f"/images/{manifest['id']}/costs").json()
+    assert body["recorded"] is False and body["layers"][0]["jpeg_bytes"] is None

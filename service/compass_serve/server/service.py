@@ -361,9 +361,14 @@ class ImageService:
             seconds = time.perf_counter() - t0
             header = bs.parse_header(data)
             meta = header_json(header)
-            # Kept in the header JSON (not a new column) so databases made before it need no migration.
-            meta["reference"] = reference_sizes(image, header, self.settings.output_quality,
-                                                [f for f in ("jpeg", "webp") if f in self.output_formats])
+            try:
+                # Kept in the header JSON (not a new column) so databases made before it need no
+                # migration. Only the viewer's comparison needs it: its failure must not fail the image.
+                meta["reference"] = reference_sizes(
+                    image, header, self.settings.output_quality,
+                    [f for f in ("jpeg", "webp") if f in self.output_formats])
+            except Exception:
+                log.exception("comparison sizes of %s could not be measured", image_id)
             self.store.put(stream_key(image_id), data)
             if not self.db.mark_ready(image_id, size=len(data), etag=hashlib.sha256(data).hexdigest(),
                                       header=meta, seconds=seconds):
