@@ -310,7 +310,8 @@ function updateResponsive() {
   });
   old.replaceWith(img);
   $("snippet").value = htmlSnippet({ id: m.id, layers: m.layers, width: m.width, height: m.height,
-                                     displayWidth: w, alt: "", origin: location.origin });
+                                     displayWidth: w, alt: "describe the image here",
+                                     origin: location.origin });
 }
 
 function wireImage() {
