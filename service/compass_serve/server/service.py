@@ -31,7 +31,14 @@ from PIL import Image, features
 from compass_serve.codec import bitstream as bs
 from compass_serve.codec.coder import Codec, ModelMismatch, QualityError
 from compass_serve.codec.ladder import LadderError
-from compass_serve.imageio import ImageInputError, InputLimits, encode_image, load_rgb, sniff_format
+from compass_serve.imageio import (
+    ImageInputError,
+    InputLimits,
+    encode_image,
+    load_rgb,
+    resize,
+    sniff_format,
+)
 from compass_serve.server.db import FAILED, PENDING, READY, Database, ImageRecord, utcnow
 from compass_serve.server.metrics import Metrics
 from compass_serve.server.problems import Problem
@@ -98,6 +105,23 @@ def header_json(header: bs.Header) -> dict[str, Any]:
             for e in header.table
         ],
     }
+
+
+def reference_sizes(image: Image.Image, header: bs.Header, quality: int,
+                    formats: Sequence[str]) -> dict[str, Any]:
+    """Bytes of separate renditions of the *original* at every layer's size, per format.
+
+    What a conventional image service would send for the same widths (this server's own `?width=`
+    encoder at its output quality, from the uploaded pixels rather than from a decode), so the
+    viewer can set COMPASS's cumulative prefix bytes beside them. Only computable while the
+    upload's pixels exist, i.e. at encode time; the result is stored with the layer table.
+    """
+    sizes: dict[str, list[int]] = {f: [] for f in formats}
+    for entry in header.table:
+        ref = image if (entry.width, entry.height) == image.size else resize(image, entry.width, entry.height)
+        for f in formats:
+            sizes[f].append(len(encode_image(ref, f, quality=quality)))
+    return {"quality": quality, "bytes": sizes}
 
 
 class ImageService:
@@ -336,9 +360,18 @@ class ImageService:
             data = codec.encode(image, widths=row.widths, scales=row.scales, quality=row.quality)
             seconds = time.perf_counter() - t0
             header = bs.parse_header(data)
+            meta = header_json(header)
+            try:
+                # Kept in the header JSON (not a new column) so databases made before it need no
+                # migration. Only the viewer's comparison needs it: its failure must not fail the image.
+                meta["reference"] = reference_sizes(
+                    image, header, self.settings.output_quality,
+                    [f for f in ("jpeg", "webp") if f in self.output_formats])
+            except Exception:
+                log.exception("comparison sizes of %s could not be measured", image_id)
             self.store.put(stream_key(image_id), data)
             if not self.db.mark_ready(image_id, size=len(data), etag=hashlib.sha256(data).hexdigest(),
-                                      header=header_json(header), seconds=seconds):
+                                      header=meta, seconds=seconds):
                 self.store.delete(stream_key(image_id))  # deleted while encoding
             self.store.delete(source_key(image_id))
             self.metrics.encode_seconds.observe(seconds)

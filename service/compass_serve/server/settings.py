@@ -62,6 +62,7 @@ class Settings(BaseSettings):
         "0 keeps torch's default",
     )
     page_size_max: int = Field(100, ge=1)
+    viewer: bool = Field(True, description="serve the browser viewer page at / and /viewer")
 
     # -- protection ---------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="required for POST/DELETE when set")
