@@ -110,3 +110,18 @@ def s3_endpoint() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say loudly when the browser tests did not run: a skip must not read as a pass."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "browser" in r.keywords]
+    if not skipped:
+        return
+    longrepr = skipped[0].longrepr
+    reason = (longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)).removeprefix("Skipped: ")
+    terminalreporter.section("BROWSER TESTS DID NOT RUN", sep="!", red=True, bold=True)
+    terminalreporter.write_line(f"{len(skipped)} viewer browser test(s) skipped: {reason}",
+                                red=True, bold=True)
+    terminalreporter.write_line("the viewer page is untested in a browser; install Chromium with "
+                                "`apt-get install -y chromium chromium-driver` (as .ci/run does)",
+                                red=True, bold=True)

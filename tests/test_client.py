@@ -119,12 +119,16 @@ def test_progressive_transfers_the_stream_exactly_once(
 
 def test_local_decode_equals_server_decode(server: LiveServer, tiny_store: Path,
                                            uploaded: Manifest) -> None:
+    """Entropy decoding is bit-exact by construction (exact hyper-synthesis); the float32
+    synthesis and LIFF may round differently in another thread or on another CPU, so decoded
+    pixels agree to within one code value on a few pixels at most."""
     with Client(server.url, model_store=tiny_store) as c:
         for width in (40, 57, 80, 160):
-            local = np.asarray(c.fetch(uploaded.id, width).convert("RGB"))
-            remote = np.asarray(c.get(uploaded.id, width=width, format="png").convert("RGB"))
+            local = np.asarray(c.fetch(uploaded.id, width).convert("RGB")).astype(int)
+            remote = np.asarray(c.get(uploaded.id, width=width, format="png").convert("RGB")).astype(int)
             assert local.shape == remote.shape
-            assert np.array_equal(local, remote), width
+            diff = np.abs(local - remote)
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (width, diff.max(), (diff > 0).sum())
 
 
 def test_async_client_same_results(server: LiveServer, tiny_store: Path,

@@ -50,7 +50,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     data = Path(args.input).read_bytes()
     header = bs.parse_header(data)
-    codec = Codec.load(args.model or header.model)
+    # Without --model, the exact weights version the stream names (current or archived).
+    codec = Codec.load(args.model) if args.model else Codec.load(header.model, weights_id=header.weights_id)
     out = codec.decode(data, width=args.width, layer=args.layer)
     out.image.save(args.output)
     print(f"{args.output}: {out.image.width}x{out.image.height}, {out.note}")
@@ -78,10 +79,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from compass_serve.codec.registry import list_models
 
-    models = list_models()
+    models = list_models(archived=args.all)
     if args.json:
         print(json.dumps([{"name": m.name, "preset": m.preset, "qualities": m.qualities,
                            "sha256": m.sha256, "weights_id": m.weights_id.hex(),
+                           "archived": bool(m.manifest.get("archived")),
                            "file": m.path.name} for m in models], indent=2))
         return 0
     if not models:
@@ -89,7 +91,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 1
     for m in models:
         print(f"{m.name:10} preset={m.preset:6} qualities=1..{m.qualities} "
-              f"sha256={m.sha256[:16]}... ({m.path.name})")
+              f"sha256={m.sha256[:16]}... ({m.path.name})"
+              + (" [archived: decodes older streams]" if m.manifest.get("archived") else ""))
     return 0
 
 
@@ -268,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the shipped models")
     m.add_argument("--json", action="store_true")
+    m.add_argument("--all", action="store_true", help="also list archived weight versions")
     m.set_defaults(func=cmd_models)
 
     t = sub.add_parser("train", help="train a model (staged, resumable)")

@@ -141,7 +141,7 @@ class Core:
     base_url: str
     api_key: str | None = None
     model_store: Path | None = None
-    _codecs: dict[str, Any] = field(default_factory=dict)
+    _codecs: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def headers(self) -> dict[str, str]:
         return {"X-API-Key": self.api_key} if self.api_key else {}
@@ -157,19 +157,17 @@ class Core:
         from compass_serve.codec.coder import Codec
         from compass_serve.codec.registry import ModelNotFound
 
-        if man.model not in self._codecs:
+        key = (man.model, man.weights_id)
+        if key not in self._codecs:
             try:
-                self._codecs[man.model] = Codec.load(man.model, self.model_store)
+                self._codecs[key] = Codec.load(man.model, self.model_store,
+                                               weights_id=bytes.fromhex(man.weights_id))
             except ModelNotFound as exc:
                 raise ModelMismatch(
                     f"image {man.id} needs model {man.model!r} (weights {man.weights_id}), "
-                    f"which this client does not have: {exc}") from exc
-        codec = self._codecs[man.model]
-        if codec.weights_id.hex() != man.weights_id:
-            raise ModelMismatch(
-                f"image {man.id} was encoded with model {man.model!r} weights {man.weights_id}; "
-                f"this client holds weights {codec.weights_id.hex()}: install the compass-serve "
-                f"release that ships those weights")
+                    f"which this client does not have: install the compass-serve release that "
+                    f"ships those weights ({exc})") from exc
+        codec = self._codecs[key]
         return codec
 
     # -- flows ----------------------------------------------------------------------------------

@@ -87,7 +87,11 @@ class Backbone(nn.Module):
 
     def synthesize(self, y_hat: torch.Tensor, size: Size) -> torch.Tensor:
         sizes = self.latent_sizes(size)
-        return self.g_s(y_hat, sizes[::-1][1:])
+        if not self.training:
+            # NHWC transposed convs are ~20% faster with oneDNN; the decoder only adds the result
+            # to a prediction, so bit-exactness is not needed here (unlike the hyper-synthesis).
+            y_hat = y_hat.contiguous(memory_format=torch.channels_last)
+        return self.g_s(y_hat, sizes[::-1][1:]).contiguous()
 
     def aux_loss(self) -> torch.Tensor:
         return sum(m.loss() for m in self.modules() if isinstance(m, EntropyBottleneck))

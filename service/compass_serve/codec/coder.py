@@ -59,9 +59,18 @@ class Codec:
         self.weights_id = weights_id
 
     @classmethod
-    def load(cls, name: str = "lite", store: Path | None = None) -> Codec:
-        model, info = load_model(name, store)
+    def load(
+        cls, name: str = "lite", store: Path | None = None, weights_id: bytes | None = None
+    ) -> Codec:
+        """The current weights of `name`, or the exact version `weights_id` (e.g. a stream's)."""
+        model, info = load_model(name, store, weights_id)
         return cls.from_info(model, info)
+
+    @classmethod
+    def for_stream(cls, data: bytes | memoryview, store: Path | None = None) -> Codec:
+        """The codec that can decode `data`: the model and weights version its header names."""
+        header = bs.Bitstream.parse(data).header
+        return cls.load(header.model, store, header.weights_id)
 
     @classmethod
     def from_info(cls, model: Compass, info: ModelInfo) -> Codec:

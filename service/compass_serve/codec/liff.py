@@ -53,7 +53,7 @@ class DenseBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [x]
         for conv in self.convs:
-            feats.append(torch.relu(conv(torch.cat(feats, 1))))
+            feats.append(torch.relu_(conv(torch.cat(feats, 1))))  # in place: conv keeps no output
         return x + self.fuse(torch.cat(feats, 1))
 
 
@@ -171,20 +171,20 @@ class Liff(nn.Module):
         s = torch.tensor([2 * hl / h_hi, 2 * wl / w_hi], device=dev)
         n_rows = y1 - y0
         src = (iy[:, None] * wl + ix[None, :]).reshape(-1)               # nearest low-res pixel
-        coords = torch.stack([
-            ry[:, None].expand(n_rows, w_hi).reshape(-1),
-            rx[None, :].expand(n_rows, w_hi).reshape(-1),
-            s[0].expand(n_rows * w_hi),
-            s[1].expand(n_rows * w_hi),
-        ], -1)                                                            # [P, 4]
+        # The coordinate term is linear in (ry, rx, s): a per-row plus a per-column vector,
+        # broadcast, instead of a [P, 4] @ [4, H] product over every pixel.
+        wc = self.coord.weight                                            # [H, 4]
+        row_term = ry[:, None] * wc[:, 0] + (s @ wc[:, 2:].T + self.coord.bias)  # [rows, H]
+        col_term = rx[:, None] * wc[:, 1]                                 # [W, H]
+        coord = (row_term[:, None, :] + col_term[None, :, :]).reshape(1, -1, hid)
         # Channels-last gathers: whole contiguous rows per pixel (and a row-wise index_add in
         # the backward pass), several times faster on CPU than gathering along the last axis.
         offsets = torch.arange(b, device=dev)[:, None] * (lowres[0].shape[1] * wl)
         index = (offsets + src[None, :]).reshape(-1)
         first, g, bias = (m.reshape(-1, m.shape[-1]).index_select(0, index).view(b, -1, m.shape[-1])
                           for m in lowres)                                # [B, P, .]
-        h = torch.relu(first + self.coord(coords))
+        h = torch.relu_(first + coord)  # in place: neither add nor addmm needs its output
         for layer in self.hidden:
-            h = torch.relu(layer(h))
+            h = torch.relu_(layer(h))
         pred = (g.view(b, -1, 3, hid) * h.unsqueeze(2)).sum(-1) + bias    # [B, P, 3]
         return pred.transpose(1, 2).reshape(b, 3, n_rows, w_hi)

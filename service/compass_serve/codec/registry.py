@@ -3,6 +3,11 @@
 `model_store/<name>.safetensors` holds the weights (safetensors: no pickle), and
 `model_store/<name>.json` the manifest: preset, config, qualities, training record, data,
 sha256 of the weights and the evaluation figures they produced.
+
+Streams name the exact weights that coded them (the first 8 bytes of the sha256), so weights
+that are replaced are not deleted: `save_model` moves them to `model_store/archive/` as
+`<name>-<sha256[:16]>.*`, and `load_model(name, weights_id=...)` finds them there. Images
+stored by an earlier release therefore stay decodable after the weights are retrained.
 """
 
 from __future__ import annotations
@@ -80,24 +85,38 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def list_models(store: Path | None = None) -> list[ModelInfo]:
-    store = store or default_store()
+ARCHIVE = "archive"
+
+
+def _infos(folder: Path) -> list[ModelInfo]:
     out = []
-    for man in sorted(store.glob("*.json")):
+    for man in sorted(folder.glob("*.json")):
         d = json.loads(man.read_text())
         if "weights" not in d:
             continue
         out.append(ModelInfo(
             name=d["name"], preset=d["preset"], qualities=len(d["config"]["lambdas"]),
-            sha256=d["weights"]["sha256"], path=store / d["weights"]["file"], manifest=d,
+            sha256=d["weights"]["sha256"], path=folder / d["weights"]["file"], manifest=d,
         ))
     return out
 
 
-def model_info(name: str, store: Path | None = None) -> ModelInfo:
-    for info in list_models(store):
-        if info.name == name:
+def list_models(store: Path | None = None, archived: bool = False) -> list[ModelInfo]:
+    """The current weights of every model; with `archived`, also the versions they replaced."""
+    store = store or default_store()
+    return _infos(store) + (_infos(store / ARCHIVE) if archived else [])
+
+
+def model_info(name: str, store: Path | None = None, weights_id: bytes | None = None) -> ModelInfo:
+    """A model's current weights, or with `weights_id` the version (current or archived) that
+    a stream names."""
+    for info in list_models(store, archived=weights_id is not None):
+        if info.name == name and (weights_id is None or info.weights_id == weights_id):
             return info
+    if weights_id is not None:
+        known = ", ".join(i.weights_id.hex() for i in list_models(store, True) if i.name == name)
+        raise ModelNotFound(f"model {name!r} with weights {weights_id.hex()} is not in the model "
+                            f"store (versions here: {known or 'none'})")
     names = ", ".join(i.name for i in list_models(store)) or "none"
     raise ModelNotFound(f"model {name!r} is not in the model store (available: {names})")
 
@@ -136,9 +155,12 @@ def _load_cached(path: str, sha256: str, config_json: str) -> Compass:
     return model
 
 
-def load_model(name: str, store: Path | None = None) -> tuple[Compass, ModelInfo]:
-    """Load a shipped model by name (cached per process; weights verified against the manifest)."""
-    info = model_info(name, store)
+def load_model(
+    name: str, store: Path | None = None, weights_id: bytes | None = None
+) -> tuple[Compass, ModelInfo]:
+    """Load a shipped model by name, optionally an exact (possibly archived) version (cached per
+    process; weights verified against the manifest)."""
+    info = model_info(name, store, weights_id)
     model = _load_cached(str(info.path), info.sha256, json.dumps(info.manifest["config"]))
     return model, info
 
@@ -151,7 +173,11 @@ def save_model(
     store.mkdir(parents=True, exist_ok=True)
     model.update()
     weights = store / f"{name}.safetensors"
-    save_file(state_dict_for_save(model), str(weights), metadata={"name": name, "preset": preset})
+    tmp = weights.with_suffix(".tmp")
+    save_file(state_dict_for_save(model), str(tmp), metadata={"name": name, "preset": preset})
+    if sha256_file(tmp) != _current_sha(name, store):
+        archive_model(name, store)
+    tmp.replace(weights)
     doc = {
         "name": name,
         "preset": preset,
@@ -163,6 +189,32 @@ def save_model(
     (store / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     _load_cached.cache_clear()
     return model_info(name, store)
+
+
+def _current_sha(name: str, store: Path) -> str | None:
+    try:
+        return model_info(name, store).sha256
+    except ModelNotFound:
+        return None
+
+
+def archive_model(name: str, store: Path | None = None) -> ModelInfo | None:
+    """Move a model's current weights and manifest to `archive/` (no-op when it has none)."""
+    store = store or default_store()
+    try:
+        info = model_info(name, store)
+    except ModelNotFound:
+        return None
+    folder = store / ARCHIVE
+    folder.mkdir(exist_ok=True)
+    stem = f"{name}-{info.sha256[:16]}"
+    info.path.replace(folder / f"{stem}.safetensors")
+    doc = info.manifest | {"weights": info.manifest["weights"] | {"file": f"{stem}.safetensors"},
+                           "archived": True}
+    (folder / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (store / f"{name}.json").unlink()
+    _load_cached.cache_clear()
+    return model_info(name, store, info.weights_id)
 
 
 def update_manifest(name: str, fields: dict, store: Path | None = None) -> None:

@@ -20,7 +20,13 @@ from compass_serve.codec.coder import Codec
 from compass_serve.imageio import InputLimits, encode_image
 from compass_serve.server.celery_app import ENCODE_TASK, RENDER_TASK, make_celery
 from compass_serve.server.db import Database
-from compass_serve.server.encoder import FAILED_OUTCOME, Encoder, TransientError, stream_key
+from compass_serve.server.encoder import (
+    FAILED_OUTCOME,
+    Encoder,
+    TransientError,
+    reference_formats,
+    stream_key,
+)
 from compass_serve.server.settings import Settings
 from compass_serve.server.storage import open_store
 
@@ -56,8 +62,22 @@ class WorkerRuntime:
         self.codec.model.to(self.device)
         self.limits = InputLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
                                   max_side=settings.max_side, formats=settings.formats)
-        self.encoder = Encoder(self.db, self.store, lambda: self.codec, self.limits, device=self.device)
+        self.encoder = Encoder(self.db, self.store, lambda: self.codec, self.limits, device=self.device,
+                               reference_quality=settings.output_quality,
+                               reference_formats=reference_formats())
+        self._archived: dict[str, Codec] = {}
         log.info("worker process ready: model %s on %s", settings.model, device_label(self.device))
+
+
+    def codec_for(self, model: str, weights_id: str) -> Codec:
+        """The served weights, or the archived version a stream was coded with (loaded once)."""
+        if model == self.codec.name and weights_id == self.codec.weights_id.hex():
+            return self.codec
+        if weights_id not in self._archived:
+            codec = Codec.load(model, self.settings.model_store, bytes.fromhex(weights_id))
+            codec.model.to(self.device)
+            self._archived[weights_id] = codec
+        return self._archived[weights_id]
 
 
 def create_worker_app(settings: Settings) -> tuple[Celery, Callable[[], WorkerRuntime]]:
@@ -91,10 +111,11 @@ def create_worker_app(settings: Settings) -> tuple[Celery, Callable[[], WorkerRu
             raise self.retry(exc=exc, countdown=countdown) from None
 
     @app.task(name=RENDER_TASK, ignore_result=False)
-    def render(image_id: str, end: int, width: int, fmt: str, quality: int | None) -> str:
+    def render(image_id: str, end: int, width: int, fmt: str, quality: int | None,
+               model: str, weights_id: str) -> str:
         rt = runtime()
         prefix = rt.store.read_range(stream_key(image_id), 0, end)
-        out = rt.codec.decode(prefix, width=width)
+        out = rt.codec_for(model, weights_id).decode(prefix, width=width)
         # JSON results: base64 of the encoded image (renditions are small next to the stream).
         return base64.b64encode(encode_image(out.image, fmt, quality=quality)).decode()
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from PIL import Image
+from PIL import Image, features
 
 from compass_serve.codec import bitstream as bs
 from compass_serve.codec.coder import Codec
-from compass_serve.imageio import InputLimits, load_rgb
+from compass_serve.imageio import InputLimits, encode_image, load_rgb, resize
 from compass_serve.server.db import PENDING, Database
 from compass_serve.server.metrics import Metrics
 from compass_serve.server.storage import BlobNotFound, BlobStore
@@ -48,6 +48,28 @@ def header_json(header: bs.Header) -> dict[str, Any]:
     }
 
 
+def reference_formats() -> list[str]:
+    """Formats the viewer compares against, as far as this Pillow can write them."""
+    return [f for f in ("jpeg", "webp") if f != "webp" or features.check(f)]
+
+
+def reference_sizes(image: Image.Image, header: bs.Header, quality: int,
+                    formats: Sequence[str]) -> dict[str, Any]:
+    """Bytes of separate renditions of the *original* at every layer's size, per format.
+
+    What a conventional image service would send for the same widths (this server's own `?width=`
+    encoder at its output quality, from the uploaded pixels rather than from a decode), so the
+    viewer can set COMPASS's cumulative prefix bytes beside them. Only computable while the
+    upload's pixels exist, i.e. at encode time; the result is stored with the layer table.
+    """
+    sizes: dict[str, list[int]] = {f: [] for f in formats}
+    for entry in header.table:
+        ref = image if (entry.width, entry.height) == image.size else resize(image, entry.width, entry.height)
+        for f in formats:
+            sizes[f].append(len(encode_image(ref, f, quality=quality)))
+    return {"quality": quality, "bytes": sizes}
+
+
 class TransientError(Exception):
     """A dependency (database, blob store) was unreachable: the job should be retried later."""
 
@@ -57,7 +79,8 @@ class Encoder:
 
     def __init__(self, db: Database, store: BlobStore, codec: Callable[[], Codec | None],
                  limits: InputLimits, *, device: str = "cpu", metrics: Metrics | None = None,
-                 codec_error: Callable[[], str | None] = lambda: None) -> None:
+                 codec_error: Callable[[], str | None] = lambda: None, reference_quality: int = 85,
+                 reference_formats: Sequence[str] = ()) -> None:
         self.db = db
         self.store = store
         self._codec = codec
@@ -65,6 +88,8 @@ class Encoder:
         self.limits = limits
         self.device = device
         self.metrics = metrics
+        self.reference_quality = reference_quality
+        self.reference_formats = tuple(reference_formats)
 
     def run(self, image_id: str, image: Image.Image | None = None, *, retry_transient: bool = False) -> str:
         """Encode one image; returns ready / failed / skipped.
@@ -108,9 +133,16 @@ class Encoder:
         data = codec.encode(image, widths=row.widths, scales=row.scales, quality=row.quality)
         seconds = time.perf_counter() - t0
         header = bs.parse_header(data)
+        meta = header_json(header)
+        try:
+            # Kept in the header JSON (not a new column). Only the viewer's comparison needs it:
+            # its failure must not fail the image.
+            meta["reference"] = reference_sizes(image, header, self.reference_quality, self.reference_formats)
+        except Exception:
+            log.exception("comparison sizes of %s could not be measured", image_id)
         self.store.put(stream_key(image_id), data)
         before = self.db.mark_ready(image_id, size=len(data), etag=hashlib.sha256(data).hexdigest(),
-                                    header=header_json(header), seconds=seconds)
+                                    header=meta, seconds=seconds)
         if before is None:
             self.store.delete(stream_key(image_id))  # deleted while encoding
         elif before != PENDING:
@@ -133,6 +165,9 @@ class Encoder:
         except BlobNotFound:
             return
         etag = hashlib.sha256(stored).hexdigest()
-        if self.db.set_stream(image_id, size=len(stored), etag=etag,
-                              header=header_json(bs.parse_header(stored))):
+        meta = header_json(bs.parse_header(stored))
+        row = self.db.get(image_id)
+        if row is not None and row.header and "reference" in row.header:
+            meta["reference"] = row.header["reference"]  # sizes of the original: the same either way
+        if self.db.set_stream(image_id, size=len(stored), etag=etag, header=meta):
             log.warning("encode %s: a duplicate job stored other bytes; manifest updated", image_id)

@@ -99,9 +99,10 @@ class CeleryQueue:
         return out
 
     def render(self, image_id: str, end: int, width: int, fmt: str, quality: int | None,
-               timeout: float) -> bytes:
-        """Decode a rendition on a worker (blocking; call from a thread)."""
-        result = self.app.send_task(RENDER_TASK, args=[image_id, end, width, fmt, quality],
+               timeout: float, *, model: str, weights_id: str) -> bytes:
+        """Decode a rendition on a worker (blocking; call from a thread). The weights version is
+        the stream's own, so images coded before a retrain decode with their archived weights."""
+        result = self.app.send_task(RENDER_TASK, args=[image_id, end, width, fmt, quality, model, weights_id],
                                     queue=DECODE_QUEUE, retry=True, retry_policy=_PUBLISH_RETRY,
                                     ignore_result=False)
         try:

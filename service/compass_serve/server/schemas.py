@@ -91,6 +91,42 @@ class ImagePage(BaseModel):
     next: str | None = Field(None, description="URL of the next page")
 
 
+class LayerCost(BaseModel):
+    """What showing one layer's size costs: COMPASS's stream prefix against separate renditions."""
+
+    index: int = Field(description="layer index, 0 = base")
+    width: int
+    height: int
+    layer_bytes: int = Field(description="this layer's own bytes in the bitstream")
+    prefix_bytes: int = Field(
+        description="bytes 0..byte_end: the header and layers 0..index, all a client fetches to decode "
+        "this layer (and, progressively, every smaller one on the way)"
+    )
+    jpeg_bytes: int | None = Field(None, description="a separate JPEG of the original at this size")
+    webp_bytes: int | None = Field(None, description="a separate WebP of the original at this size")
+    jpeg_bytes_cumulative: int | None = Field(
+        None, description="separate JPEGs of layers 0..index: a progressive display built from renditions"
+    )
+    webp_bytes_cumulative: int | None = None
+
+
+class Costs(BaseModel):
+    """COMPASS bytes per layer against JPEG/WebP renditions of the same sizes (viewer comparison)."""
+
+    id: str
+    size: int = Field(description="whole bitstream length in bytes")
+    header_length: int
+    reference: str = Field(description="how the JPEG/WebP figures were made")
+    output_quality: int | None = Field(
+        None, description="JPEG/WebP quality of the comparison renditions (the server's output quality)"
+    )
+    recorded: bool = Field(
+        description="false for images encoded before comparison sizes were recorded: the original "
+        "pixels are gone, so the JPEG/WebP fields are null"
+    )
+    layers: list[LayerCost]
+
+
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
@@ -128,3 +164,26 @@ def summary(row: ImageRecord) -> ImageSummary:
         height=row.height, model=row.model, quality=row.quality, size=row.size,
         created_at=row.created_at, links=links(row.id),
     )
+
+
+REFERENCE = ("the uploaded image resized to each layer's size (Pillow bicubic, as the codec's ladder) and "
+             "encoded by this server's rendition encoder, measured once at encode time")
+
+
+def costs(row: ImageRecord) -> Costs:
+    """The comparison table of a ready row (its header JSON holds the reference sizes)."""
+    assert row.header is not None and row.size is not None
+    ref = row.header.get("reference")
+    sizes: dict[str, list[int]] = ref["bytes"] if ref else {}
+    jpeg, webp = sizes.get("jpeg"), sizes.get("webp")
+    layers: list[LayerCost] = []
+    for i, la in enumerate(row.header["layers"]):
+        layers.append(LayerCost(
+            index=i, width=la["width"], height=la["height"], layer_bytes=la["length"],
+            prefix_bytes=la["offset"] + la["length"],
+            jpeg_bytes=jpeg[i] if jpeg else None, webp_bytes=webp[i] if webp else None,
+            jpeg_bytes_cumulative=sum(jpeg[: i + 1]) if jpeg else None,
+            webp_bytes_cumulative=sum(webp[: i + 1]) if webp else None,
+        ))
+    return Costs(id=row.id, size=row.size, header_length=row.header["header_length"], reference=REFERENCE,
+                 output_quality=ref["quality"] if ref else None, recorded=ref is not None, layers=layers)

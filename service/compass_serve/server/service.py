@@ -37,7 +37,14 @@ from compass_serve.codec.coder import Codec, ModelMismatch, QualityError
 from compass_serve.codec.ladder import LadderError
 from compass_serve.imageio import ImageInputError, InputLimits, encode_image, load_rgb, sniff_format
 from compass_serve.server.db import FAILED, PENDING, READY, Database, ImageRecord, utcnow
-from compass_serve.server.encoder import Encoder, header_json, source_key, stream_key
+from compass_serve.server.encoder import (
+    Encoder,
+    header_json,
+    reference_formats,
+    reference_sizes,
+    source_key,
+    stream_key,
+)
 from compass_serve.server.metrics import Metrics
 from compass_serve.server.problems import Problem
 from compass_serve.server.renditions import RenditionCache
@@ -56,7 +63,8 @@ from compass_serve.server.worker import (
 log = logging.getLogger("compass_serve.server")
 
 ID_VERSION = 1  # bump if the id recipe changes
-__all__ = ["ImageService", "header_json", "image_id_for", "layer_for_width", "source_key", "stream_key"]
+__all__ = ["ImageService", "header_json", "image_id_for", "layer_for_width", "reference_sizes", "source_key",
+           "stream_key"]
 
 
 @dataclass(frozen=True)
@@ -120,13 +128,15 @@ class ImageService:
             max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
             max_side=settings.max_side, formats=settings.formats,
         )
-        self.encoder = Encoder(self.db, self.store, lambda: self.codec, self.limits, metrics=self.metrics,
-                               codec_error=lambda: self.codec_error)
         self.codec: Codec | None = None
         self.codec_error: str | None = None
         self.output_formats = tuple(
             f for f in OUTPUT_FORMATS if f not in ("webp", "avif") or features.check(f)
         )
+        self.encoder = Encoder(self.db, self.store, lambda: self.codec, self.limits, metrics=self.metrics,
+                               codec_error=lambda: self.codec_error,
+                               reference_quality=settings.output_quality,
+                               reference_formats=[f for f in reference_formats() if f in self.output_formats])
         self._ready: OrderedDict[str, ImageRecord] = OrderedDict()  # hot metadata of ready images
         self._flights: dict[tuple[str, int, str], asyncio.Future[bytes]] = {}
         self._decodes = 0
@@ -443,8 +453,20 @@ class ImageService:
             self._decodes -= 1
             del self._flights[key]
 
-    def _render(self, row: ImageRecord, width: int, fmt: str) -> bytes:
+    def codec_for(self, row: ImageRecord) -> Codec:
+        """The codec for a stored image: the served weights, or the archived version that coded it
+        (images stored before the weights were retrained stay decodable)."""
         codec = self.require_codec()
+        if row.weights_id == codec.weights_id.hex() and row.model == codec.name:
+            return codec
+        try:
+            return Codec.load(row.model, self.settings.model_store, bytes.fromhex(row.weights_id))
+        except LookupError as exc:
+            raise Problem(409, f"the image was encoded with weights this server does not have: {exc}",
+                          code="model_mismatch") from None
+
+    def _render(self, row: ImageRecord, width: int, fmt: str) -> bytes:
+        codec = self.codec_for(row)
         assert row.header is not None
         layers = row.header["layers"]
         k = layer_for_width(layers, width)
@@ -454,7 +476,8 @@ class ImageService:
         if self.remote and self.settings.decode_offload:
             # A worker (with the GPU) decodes; the answer is cached on this node like any other.
             try:
-                data = self.pool.render(row.id, end, width, fmt, quality, self.settings.wait_timeout_s)
+                data = self.pool.render(row.id, end, width, fmt, quality, self.settings.wait_timeout_s,
+                                        model=row.model, weights_id=row.weights_id)
             except Exception as exc:
                 if is_transient(exc):
                     raise

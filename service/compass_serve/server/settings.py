@@ -62,6 +62,7 @@ class Settings(BaseSettings):
         "0 keeps torch's default",
     )
     page_size_max: int = Field(100, ge=1)
+    viewer: bool = Field(True, description="serve the browser viewer page at / and /viewer")
 
     # -- scale-out: each part is switched on by its own setting; the defaults are embedded ----------
     queue: Literal["local", "celery"] = Field(

@@ -203,6 +203,16 @@ def create_router(settings: Settings, output_formats: tuple[str, ...]) -> APIRou
             headers["Retry-After"] = "1"
         return JSONResponse(schemas.manifest(row).model_dump(mode="json"), headers=headers)
 
+    # -- cost comparison (for the viewer) ------------------------------------------------------
+    @router.get(
+        "/images/{image_id}/costs", dependencies=read_deps, response_model=schemas.Costs,
+        summary="Bytes per layer against separate JPEG/WebP renditions of the same sizes",
+        responses=_p(*r403, 404, 409),
+    )
+    async def get_costs(svc: Svc, image_id: ImageId) -> JSONResponse:
+        row = await svc.get_ready(image_id)
+        return JSONResponse(schemas.costs(row).model_dump(mode="json"), headers={"Cache-Control": "no-cache"})
+
     # -- bitstream ---------------------------------------------------------------------------------
     bitstream_doc: dict[str, Any] = dict(
         dependencies=read_deps, response_class=Response,

@@ -1,0 +1,79 @@
+"""Retraining a model keeps earlier streams decodable: replaced weights move to the archive."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compass_serve import Client
+from compass_serve.codec import bitstream as bs
+from compass_serve.codec.coder import Codec, ModelMismatch
+from compass_serve.codec.registry import ARCHIVE, ModelNotFound, list_models, model_info
+from tests.conftest import make_tiny, photo
+from tests.server_harness import LiveServer, png_bytes, test_settings
+
+
+def test_retrain_archives_the_replaced_weights(tmp_path: Path) -> None:
+    make_tiny(tmp_path, "tiny", seed=0)
+    old = Codec.load("tiny", tmp_path)
+    stream = old.encode(photo(64, 40), widths=[16, 32, 64])
+    expected = np.asarray(old.decode(stream, width=50).image)
+
+    make_tiny(tmp_path, "tiny", seed=3)  # "retrained": same name, new weights
+    new = Codec.load("tiny", tmp_path)
+    assert new.weights_id != old.weights_id
+    assert [m.name for m in list_models(tmp_path)] == ["tiny"]  # one current version
+    versions = {m.weights_id for m in list_models(tmp_path, archived=True)}
+    assert versions == {old.weights_id, new.weights_id}
+    with pytest.raises(ModelMismatch):
+        new.decode(stream)
+
+    # The stream names its weights; the archive still has them, verified by sha256 on load.
+    again = Codec.for_stream(stream, tmp_path)
+    assert again.weights_id == old.weights_id
+    assert np.array_equal(np.asarray(again.decode(stream, width=50).image), expected)
+    assert model_info("tiny", tmp_path, old.weights_id).manifest["archived"] is True
+
+    # Exporting identical weights again is not a new version.
+    make_tiny(tmp_path, "tiny", seed=3)
+    assert len(list((tmp_path / ARCHIVE).glob("*.safetensors"))) == 1
+    with pytest.raises(ModelNotFound, match="versions here"):
+        Codec.load("tiny", tmp_path, weights_id=bytes(8))
+
+
+def test_server_and_sdk_decode_images_stored_before_a_retrain(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    make_tiny(store, "tiny", seed=0)
+    settings = test_settings(tmp_path / "data", store)
+    with LiveServer(settings) as srv, srv.client() as c:
+        r = c.post("/images", content=png_bytes(photo(80, 50)), params={"wait": "true",
+                                                                        "widths": "20,40,80"})
+        assert r.status_code == 201
+        old_id, old_weights = r.json()["id"], r.json()["weights_id"]
+        before = c.get(f"/images/{old_id}", params={"width": 60, "format": "png"}).content
+
+    make_tiny(store, "tiny", seed=9)  # the operator ships retrained weights and restarts
+    with LiveServer(settings) as srv, srv.client() as c:
+        r = c.get(f"/images/{old_id}", params={"width": 60, "format": "png"})
+        assert r.status_code == 200 and r.content == before
+        fresh = c.post("/images", content=png_bytes(photo(80, 50, seed=1)),
+                       params={"wait": "true"}).json()
+        assert fresh["weights_id"] != old_weights  # new uploads use the new weights
+        with Client(srv.url, model_store=store) as sdk:
+            assert sdk.fetch(old_id, 60).size == (60, 38)
+
+        # Without the archived version the answer is a clear 409, not a crash.
+        shutil.rmtree(store / ARCHIVE)
+        r = c.get(f"/images/{old_id}", params={"width": 70, "format": "png"})
+        assert r.status_code == 409 and r.json()["code"] == "model_mismatch"
+        assert old_weights in r.json()["detail"]
+
+
+def test_stream_header_names_the_weights(tmp_path: Path) -> None:
+    make_tiny(tmp_path, "tiny", seed=0)
+    codec = Codec.load("tiny", tmp_path)
+    header = bs.parse_header(codec.encode(photo(32, 24)))
+    assert (header.model, header.weights_id) == ("tiny", codec.weights_id)
