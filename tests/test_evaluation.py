@@ -1,0 +1,58 @@
+"""The evaluation pipeline end to end on the tiny model (fast), and the Bjontegaard maths."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compass_serve.codec.coder import Codec
+from compass_serve.evaluation import run
+from compass_serve.evaluation.bd import bd_rate
+from tests.conftest import photo
+
+
+def test_bd_rate_of_a_scaled_curve() -> None:
+    rates = [0.2, 0.4, 0.8, 1.6]
+    psnrs = [26.0, 29.0, 32.0, 35.0]
+    assert bd_rate(rates, psnrs, rates, psnrs) == pytest.approx(0.0, abs=1e-9)
+    assert bd_rate(rates, psnrs, [r * 0.9 for r in rates], psnrs) == pytest.approx(-10.0, abs=1e-6)
+    assert bd_rate(rates, psnrs, [r * 1.25 for r in rates], psnrs) == pytest.approx(25.0, abs=1e-6)
+
+
+def test_evaluate_writes_every_table(tiny_codec: Codec, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "kodak"
+    data.mkdir()
+    photo(96, 64).save(data / "img0.png")
+    calls: list[tuple[int, int]] = []
+    real = run.code_single
+
+    def counting(codec: Codec, ref, q: float):  # type: ignore[no-untyped-def]
+        calls.append(ref.size)
+        return real(codec, ref, q)
+
+    monkeypatch.setattr(run, "code_single", counting)
+    res = run.evaluate(tiny_codec, data, tmp_path / "out", qualities=[1.0, 4.0], with_tables=True)
+
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["images"] == 1 and (tmp_path / "out" / "rd.png").stat().st_size > 0
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "single_layer" in md and "two-layer 1.2x" in md
+    for q in ("1", "4"):
+        layers = res["compass"][q]
+        assert len(layers) == 3 and all(p["bpp"] > 0 and math.isfinite(p["psnr"]) for p in layers)
+        # Simulcast codes every layer on its own, the top one exactly as single-layer does.
+        assert res["simulcast"][q][-1]["bpp"] > res["single_layer"][q]["bpp"]
+        assert res["simulcast"][q][-1]["psnr"] == res["single_layer"][q]["psnr"]
+    assert set(res["anchors"]) >= {"jpeg"}
+    assert len(res["scale_tables"]) == 10
+    for table in res["scale_tables"].values():
+        assert all(s["bpp"] > 0 for s in table["simulcast"])
+    # The whole image is coded once per quality; simulcast's top layer and the tables reuse it.
+    assert calls.count((96, 64)) == 2
+    assert len(res["timing"]["decode_s_up_to_layer"]) == 3 and res["timing"]["encode_s_all_layers"] > 0
+    assert np.isfinite(res["ablation"]["liff"][0]["psnr"])
