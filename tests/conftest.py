@@ -58,6 +58,16 @@ def small_photo() -> Image.Image:
 
 
 @pytest.fixture(scope="module")
+def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A live server on the tiny model with default test settings, one per test module (modules
+    that need other settings define their own `server`)."""
+    from tests.server_harness import LiveServer, test_settings
+
+    with LiveServer(test_settings(tmp_path_factory.mktemp("data"), tiny_store)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
 def client(server: LiveServer) -> Iterator[httpx.Client]:
     """An httpx client for the module's `server` fixture (each server test module defines one)."""
     with server.client() as c:

@@ -6,6 +6,8 @@ import io
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,26 @@ class LiveServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def held_encodes(server: LiveServer) -> Iterator[threading.Event]:
+    """Hold the in-process encode workers at a gate (images stay observably pending, the queue
+    fills deterministically) until the gate is set or the block ends."""
+    pool = server.app.state.service.pool
+    gate = threading.Event()
+    original = pool._handler
+
+    def gated(job: object) -> None:
+        gate.wait(60)
+        original(job)
+
+    pool._handler = gated
+    try:
+        yield gate
+    finally:
+        pool._handler = original
+        gate.set()
 
 
 def test_settings(data_dir: Path, store: Path, **overrides: Any) -> Settings:

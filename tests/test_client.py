@@ -36,7 +36,7 @@ from compass_serve.client import (
     TruncatedResponse,
 )
 from tests.conftest import make_tiny, photo
-from tests.server_harness import LiveServer, png_bytes, test_settings
+from tests.server_harness import LiveServer, png_bytes
 
 W, H = 160, 100
 LADDER = [40, 80, 160]
@@ -59,12 +59,6 @@ class Counting(httpx.HTTPTransport):
     @property
     def total(self) -> int:
         return sum(n for _, n in self.received)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with LiveServer(test_settings(tmp_path_factory.mktemp("data"), tiny_store)) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterator
 from email.parser import BytesParser
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -16,16 +14,10 @@ from PIL import Image
 from compass_serve.codec import bitstream as bs
 from compass_serve.codec.coder import Codec
 from tests.conftest import photo
-from tests.server_harness import LiveServer, png_bytes, test_settings, upload, wait_ready
+from tests.server_harness import LiveServer, png_bytes, upload, wait_ready
 
 W, H = 120, 80
 LADDER = [30, 60, 120]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with LiveServer(test_settings(tmp_path_factory.mktemp("data"), tiny_store)) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from pathlib import Path
 
@@ -11,9 +10,8 @@ import httpx
 import pytest
 
 from compass_serve.codec.coder import Codec
-from compass_serve.server.worker import EncodeJob
 from tests.conftest import photo
-from tests.server_harness import LiveServer, png_bytes, test_settings, upload, wait_ready
+from tests.server_harness import LiveServer, held_encodes, png_bytes, test_settings, upload, wait_ready
 
 
 def stored_files(root: Path) -> list[Path]:
@@ -51,15 +49,8 @@ def test_full_queue_answers_503(tiny_store: Path, tmp_path: Path) -> None:
     settings = test_settings(tmp_path, tiny_store, queue_size=2, encode_workers=1, retry_after_s=7)
     with LiveServer(settings) as srv, srv.client() as c:
         svc = srv.app.state.service
-        gate = threading.Event()
-        original = svc.pool._handler
-
-        def gated(job: EncodeJob) -> None:
-            gate.wait(60)
-            original(job)
-
-        svc.pool._handler = gated  # hold the single worker so the queue fills deterministically
-        try:
+        # The single worker is held at a gate, so the queue fills deterministically.
+        with held_encodes(srv) as gate:
             first = upload(c, png_bytes(photo(40, 30, seed=1)))
             assert first.status_code == 202
             deadline = time.monotonic() + 10
@@ -82,7 +73,6 @@ def test_full_queue_answers_503(tiny_store: Path, tmp_path: Path) -> None:
             # A duplicate of an accepted upload is not new work: it is answered even now.
             again = upload(c, png_bytes(photo(40, 30, seed=2)))
             assert again.status_code == 202 and again.json()["id"] == queued[0].json()["id"]
-        finally:
             gate.set()
         for r in [first, *queued]:
             assert wait_ready(c, r.json()["id"])["status"] == "ready"

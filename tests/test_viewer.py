@@ -6,8 +6,6 @@ The browser itself is driven in tests/test_viewer_browser.py.
 from __future__ import annotations
 
 import re
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,18 +16,11 @@ from compass_serve.imageio import encode_image, resize
 from compass_serve.server import encoder as encoder_module
 from compass_serve.server.db import ImageRecord
 from compass_serve.server.routers.viewer import ASSETS_DIR, PAGE
-from compass_serve.server.worker import EncodeJob
 from tests.conftest import photo
-from tests.server_harness import LiveServer, png_bytes, test_settings, upload, wait_ready
+from tests.server_harness import LiveServer, held_encodes, png_bytes, test_settings, upload, wait_ready
 
 W, H = 120, 80
 LADDER = [30, 60, 120]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with LiveServer(test_settings(tmp_path_factory.mktemp("data"), tiny_store)) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -156,24 +147,12 @@ def test_costs_of_an_image_encoded_before_sizes_were_recorded(client: httpx.Clie
 def test_costs_of_unknown_and_pending_images(client: httpx.Client, server: LiveServer) -> None:
     r = client.get("/images/0123456789abcdef0123456789abcdef/costs")
     assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
-    svc = server.app.state.service
-    gate = threading.Event()
-    original = svc.pool._handler
-
-    def gated(job: EncodeJob) -> None:
-        gate.wait(60)
-        original(job)
-
-    svc.pool._handler = gated  # hold the encode so the image is observably pending
-    try:
+    with held_encodes(server):  # the image stays observably pending
         r = upload(client, png_bytes(photo(40, 30, seed=21)))
         assert r.status_code == 202
         image_id = r.json()["id"]
         pending = client.get(f"/images/{image_id}/costs")
         assert pending.status_code == 409 and pending.json()["code"] == "not_ready"
-    finally:
-        svc.pool._handler = original
-        gate.set()
     assert wait_ready(client, image_id, timeout=30)["status"] == "ready"
     assert client.get(f"/images/{image_id}/costs").json()["recorded"] is True
 
