@@ -56,3 +56,34 @@ def test_evaluate_writes_every_table(tiny_codec: Codec, tmp_path: Path,
     assert calls.count((96, 64)) == 2
     assert len(res["timing"]["decode_s_up_to_layer"]) == 3 and res["timing"]["encode_s_all_layers"] > 0
     assert np.isfinite(res["ablation"]["liff"][0]["psnr"])
+
+
+def test_learning_curve_from_snapshots_reuses_measured_rows(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import save_file
+
+    from compass_serve.codec.registry import PRESETS, build, state_dict_for_save
+    from compass_serve.evaluation import curve
+
+    data = tmp_path / "kodak"
+    data.mkdir()
+    photo(64, 48).save(data / "img0.png")
+    snaps = tmp_path / "run" / "snapshots"
+    snaps.mkdir(parents=True)
+    for step, hours in ((100, 0.5), (200, 1.0)):
+        model = build(PRESETS["tiny"])
+        model.update()
+        save_file(state_dict_for_save(model), str(snaps / f"joint-{step:06d}.safetensors"),
+                  metadata={"stage": "joint", "step": str(step), "hours": str(hours)})
+    out = tmp_path / "curve.png"
+    rows = curve.learning_curve(tmp_path / "run", data, out, rate=0.5, limit=1, preset="tiny")
+    assert [(r["step"], r["hours"]) for r in rows] == [(100, 0.5), (200, 1.0)]
+    assert all(len(r["points"]) == 4 and r["images"] == ["img0.png"] for r in rows)
+    assert out.stat().st_size > 0 and out.with_suffix(".json").exists()
+
+    def no_coding(*_a: object, **_k: object) -> None:
+        raise AssertionError("a measured snapshot was coded again")
+
+    monkeypatch.setattr(curve, "code_compass", no_coding)
+    again = curve.learning_curve(tmp_path / "run", data, out, rate=0.5, limit=1, preset="tiny")
+    assert json.dumps([r["points"] for r in again]) == json.dumps([r["points"] for r in rows])

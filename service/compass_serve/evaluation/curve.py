@@ -32,10 +32,19 @@ def psnr_at_rate(points: list[tuple[float, float]], rate: float) -> float:
     return float(np.interp(np.log(rate), rates, [p[1] for p in pts]))
 
 
-def snapshot_curve(run: Path, data: Path, rate: float, limit: int, preset: str = "lite") -> list[dict]:
-    images = [load_rgb(p) for p in list_images(data)[:limit]]
+def snapshot_curve(run: Path, data: Path, rate: float, limit: int, preset: str = "lite",
+                   done: dict[str, dict] | None = None) -> list[dict]:
+    """One row per snapshot; `done` holds rows measured earlier (by snapshot name, same images),
+    so a curve can be brought up to date while training goes on."""
+    paths = list_images(data)[:limit]
+    images = [load_rgb(p) for p in paths]
+    names = [p.name for p in paths]
     rows = []
     for snap in tqdm(sorted((run / "snapshots").glob("*.safetensors")), desc="snapshots"):
+        old = (done or {}).get(snap.name)
+        if old is not None and old.get("images") == names:
+            rows.append(old | {"psnr_at_rate": psnr_at_rate([tuple(p) for p in old["points"]], rate)})
+            continue
         with safe_open(str(snap), "pt") as fh:
             meta = fh.metadata()
         if meta["stage"] not in ("backbone", "joint"):
@@ -57,7 +66,7 @@ def snapshot_curve(run: Path, data: Path, rate: float, limit: int, preset: str =
                     ps.append(p)
             points.append((float(np.mean(rs)), float(np.mean(ps))))
         rows.append({"snapshot": snap.name, "stage": meta["stage"], "step": int(meta["step"]),
-                     "hours": float(meta["hours"]), "points": points,
+                     "hours": float(meta["hours"]), "points": points, "images": names,
                      "psnr_at_rate": psnr_at_rate(points, rate)})
     return rows
 
@@ -85,8 +94,11 @@ def plot_curve(rows: list[dict], rate: float, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def learning_curve(run: Path, data: Path, out: Path, rate: float = 0.5, limit: int = 6) -> list[dict]:
-    rows = snapshot_curve(run, data, rate, limit)
+def learning_curve(run: Path, data: Path, out: Path, rate: float = 0.5, limit: int = 6,
+                   preset: str = "lite") -> list[dict]:
+    cache = out.with_suffix(".json")
+    done = {r["snapshot"]: r for r in json.loads(cache.read_text())} if cache.exists() else {}
+    rows = snapshot_curve(run, data, rate, limit, preset, done=done)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     plot_curve(rows, rate, out, f"learning curve ({limit} Kodak images)")
