@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -63,20 +64,27 @@ def launch_api(env: dict[str, str], data_dir: Path) -> tuple[Proc, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def wait_api(proc: Proc, url: str, timeout: float = 120.0) -> tuple[Proc, str]:
+def _wait_for(proc: Proc, what: str, ready: Callable[[], bool], timeout: float) -> None:
+    """Poll `ready` until it holds; fail fast (with the log's tail) if the process dies."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
+    while not ready():
         if not proc.alive():
-            raise RuntimeError(f"API exited: {proc.tail()}")
+            raise RuntimeError(f"{what} exited: {proc.tail()}")
         if time.monotonic() > deadline:
             proc.kill()
-            raise TimeoutError(f"API did not get ready: {proc.tail()}")
+            raise TimeoutError(f"{what} did not get ready: {proc.tail()}")
         time.sleep(0.1)
+
+
+def wait_api(proc: Proc, url: str, timeout: float = 120.0) -> tuple[Proc, str]:
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    _wait_for(proc, "API", ready, timeout)
+    return proc, url
 
 
 def start_api(env: dict[str, str], data_dir: Path) -> tuple[Proc, str]:
@@ -93,15 +101,7 @@ def launch_worker(env: dict[str, str], log: Path, name: str) -> tuple[Proc, int]
 
 def wait_worker(proc: Proc, name: str, timeout: float = 120.0) -> None:
     """Returns once Celery reports the worker is consuming."""
-    log = proc.log
-    deadline = time.monotonic() + timeout
-    while f"{name} ready." not in log.read_text(errors="replace"):
-        if not proc.alive():
-            raise RuntimeError(f"worker exited: {proc.tail()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise TimeoutError(f"worker did not get ready: {proc.tail()}")
-        time.sleep(0.1)
+    _wait_for(proc, "worker", lambda: f"{name} ready." in proc.log.read_text(errors="replace"), timeout)
 
 
 def start_worker(env: dict[str, str], log: Path, name: str) -> tuple[Proc, int]:
