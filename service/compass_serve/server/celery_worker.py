@@ -65,19 +65,17 @@ class WorkerRuntime:
         self.encoder = Encoder(self.db, self.store, lambda: self.codec, self.limits, device=self.device,
                                reference_quality=settings.output_quality,
                                reference_formats=reference_formats())
-        self._archived: dict[str, Codec] = {}
         log.info("worker process ready: model %s on %s", settings.model, device_label(self.device))
 
 
     def codec_for(self, model: str, weights_id: str) -> Codec:
-        """The served weights, or the archived version a stream was coded with (loaded once)."""
+        """The served weights, or the archived version a stream was coded with (the registry
+        caches loaded models; moving one already on the device is a no-op)."""
         if model == self.codec.name and weights_id == self.codec.weights_id.hex():
             return self.codec
-        if weights_id not in self._archived:
-            codec = Codec.load(model, self.settings.model_store, bytes.fromhex(weights_id))
-            codec.model.to(self.device)
-            self._archived[weights_id] = codec
-        return self._archived[weights_id]
+        codec = Codec.load(model, self.settings.model_store, bytes.fromhex(weights_id))
+        codec.model.to(self.device)
+        return codec
 
 
 def create_worker_app(settings: Settings) -> tuple[Celery, Callable[[], WorkerRuntime]]:
