@@ -172,3 +172,35 @@ def test_liff_with_bicubic_skip_starts_as_bicubic_and_strips_match() -> None:
     liff.eval()
     assert torch.allclose(whole, liff(x, (75, 50)), atol=1e-5)
     assert not torch.allclose(whole, bicubic, atol=1e-3)
+
+
+def test_cdf_tables_are_reproducible() -> None:
+    """update() gives the same CDF tables for the same weights at any thread count or memory
+    layout (a stream needs the exact tables its encoder used)."""
+    from compass_serve.codec.backbone import BackboneConfig, build_backbone
+    from compass_serve.codec.registry import load_state
+
+    torch.manual_seed(7)
+    codec = build_backbone(BackboneConfig(n=16, m=24))
+    with torch.no_grad():  # a trained-looking density: spread quantiles, non-trivial matrices
+        for name, p in codec.entropy_bottleneck.named_parameters():
+            p.add_(torch.randn_like(p) * (3.0 if name == "quantiles" else 0.3))
+    tables = []
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 1):
+            torch.set_num_threads(n_threads)
+            twin = build_backbone(BackboneConfig(n=16, m=24))  # fresh buffers elsewhere in memory
+            load_state(twin, codec.state_dict())
+            for model in (codec, twin):
+                model.update()
+                eb = model.entropy_bottleneck
+                tables.append((eb._quantized_cdf.clone(), eb._offset.clone(), eb._cdf_length.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    assert tables[0][0].numel() > 0
+    for cdf, offset, length in tables[1:]:
+        assert torch.equal(cdf, tables[0][0])
+        assert torch.equal(offset, tables[0][1])
+        assert torch.equal(length, tables[0][2])

@@ -105,6 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             stage=stage, preset=args.preset, data=args.data, out=args.out, minutes=args.minutes,
             lr=args.lr, batch=args.batch, crop=args.crop, seed=args.seed, device=args.device,
             threads=args.threads, resume=not args.fresh, init_from=args.init_from,
+            warmup_steps=args.warmup_steps, val_minutes=args.val_minutes,
+            checkpoint_minutes=args.checkpoint_minutes,
         ))
     return 0
 
@@ -288,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     t.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    t.add_argument("--warmup-steps", type=int, default=200,
+                   help="linear learning-rate warm-up when the optimizer starts anew")
+    t.add_argument("--val-minutes", type=float, default=5.0,
+                   help="held-out validation (and a learning-curve snapshot) every N minutes")
+    t.add_argument("--checkpoint-minutes", type=float, default=5.0)
     t.add_argument("--init-from", default=None, metavar="MODEL",
                    help="when the run directory is empty, start from this shipped model")
     t.set_defaults(func=cmd_train)

@@ -174,7 +174,10 @@ def save_model(
     model.update()
     weights = store / f"{name}.safetensors"
     tmp = weights.with_suffix(".tmp")
-    save_file(state_dict_for_save(model), str(tmp), metadata={"name": name, "preset": preset})
+    # One metadata key: safetensors writes its metadata map in a per-process random order, so
+    # two keys gave the same weights two different files (and weights ids) at random.
+    save_file(state_dict_for_save(model), str(tmp),
+              metadata={"compass": json.dumps({"name": name, "preset": preset}, sort_keys=True)})
     if sha256_file(tmp) != _current_sha(name, store):
         archive_model(name, store)
     tmp.replace(weights)

@@ -51,6 +51,9 @@ class TrainArgs:
     threads: int = 0
     checkpoint_minutes: float = 5.0
     val_minutes: float = 5.0
+    # Linear warm-up (steps) whenever the optimizer starts anew (a fresh run, or --init-from
+    # shipped weights): full-size Adam steps on fresh moments knock trained weights off course.
+    warmup_steps: int = 200
     resume: bool = True
     init_from: str | None = None  # model-store name to start from when the run dir is empty
 
@@ -102,7 +105,9 @@ class Trainer:
         eb = [p for n, p in self.model.named_parameters() if n.endswith("quantiles")]
         self.aux_opt = torch.optim.Adam(eb, lr=1e-3)
         opt_path = self.out / f"optimizer-{args.stage}.pt"
+        self.fresh_optimizer = True
         if args.resume and opt_path.exists():
+            self.fresh_optimizer = False
             st = torch.load(opt_path, map_location=self.device, weights_only=True)
             self.opt.load_state_dict(st["opt"])
             self.aux_opt.load_state_dict(st["aux"])
@@ -177,11 +182,15 @@ class Trainer:
         y0, x0 = (h - s) // 2, (w - s) // 2
         return x[None, :, y0 : y0 + s, x0 : x0 + s].float().div(255).to(self.device)
 
-    def lr_at(self, frac: float) -> float:
+    def lr_at(self, frac: float, session_steps: int = 0) -> float:
+        """Held, then cosine to 5% over the last 40% of the budget; warm-up on a fresh optimizer."""
+        warm = 1.0
+        if self.fresh_optimizer and self.args.warmup_steps > 0:
+            warm = min(1.0, (session_steps + 1) / self.args.warmup_steps)
         if frac < 0.6:
-            return self.args.lr
+            return self.args.lr * warm
         t = min(1.0, (frac - 0.6) / 0.4)
-        return self.args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+        return warm * self.args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
     # -- one step ----------------------------------------------------------------------------------
     def _chain(self, crop: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
@@ -294,8 +303,10 @@ class Trainer:
             last_ckpt = last_val = time.monotonic()
             ema: dict[str, float] = {}
             t_prev = time.monotonic()
+            session_steps = 0
             while st["seconds"] < budget:
-                lr = self.lr_at(st["seconds"] / budget)
+                lr = self.lr_at(st["seconds"] / budget, session_steps)
+                session_steps += 1
                 for g in self.opt.param_groups:
                     g["lr"] = lr
                 stats = self.step()
