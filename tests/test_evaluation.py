@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from compass_serve.codec.coder import Codec
 from compass_serve.evaluation import run
@@ -84,6 +85,35 @@ def test_learning_curve_from_snapshots_reuses_measured_rows(tmp_path: Path,
     def no_coding(*_a: object, **_k: object) -> None:
         raise AssertionError("a measured snapshot was coded again")
 
+    # A later session on a fresh machine: the first snapshot is gone with the old machine, a
+    # residual-stage snapshot is new. Old rows are kept from the record, the new one is measured.
+    (snaps / "joint-000100.safetensors").unlink()
+    model = build(PRESETS["tiny"])
+    model.update()
+    save_file(state_dict_for_save(model), str(snaps / "residual-000050.safetensors"),
+              metadata={"stage": "residual", "step": "50", "hours": "1.5"})
+    later = curve.learning_curve(tmp_path / "run", data, out, rate=0.5, limit=1, preset="tiny")
+    assert [(r["stage"], r["hours"]) for r in later] == [("joint", 0.5), ("joint", 1.0),
+                                                        ("residual", 1.5)]
+    assert json.dumps(later[0]["points"]) == json.dumps(rows[0]["points"]) and len(later[2]["points"]) == 4
+
     monkeypatch.setattr(curve, "code_compass", no_coding)
     again = curve.learning_curve(tmp_path / "run", data, out, rate=0.5, limit=1, preset="tiny")
-    assert json.dumps([r["points"] for r in again]) == json.dumps([r["points"] for r in rows])
+    assert json.dumps([r["points"] for r in again]) == json.dumps([r["points"] for r in later])
+
+
+def test_learning_curve_measures_every_nth_snapshot_and_the_last(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from compass_serve.evaluation.curve import _measurable
+
+    paths = []
+    for stage, n in (("backbone", 3), ("liff", 2), ("residual", 6)):
+        for i in range(n):
+            p = tmp_path / f"{stage}-{i:06d}.safetensors"
+            save_file({"w": torch.zeros(1)}, str(p), metadata={"stage": stage, "step": str(i)})
+            paths.append(p)
+    names = [p.name for p in _measurable(paths, every=4)]
+    assert names == ["backbone-000000.safetensors", "backbone-000002.safetensors",
+                     "residual-000000.safetensors", "residual-000004.safetensors",
+                     "residual-000005.safetensors"]

@@ -138,7 +138,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_curve(args: argparse.Namespace) -> int:
     from compass_serve.evaluation.curve import learning_curve
 
-    rows = learning_curve(Path(args.run), Path(args.data), Path(args.out), args.rate, args.limit)
+    rows = learning_curve(Path(args.run), Path(args.data), Path(args.out), args.rate, args.limit,
+                          every=args.every)
     for r in rows:
         print(f"{r['stage']:9} step {r['step']:6d} {r['hours']:6.2f} h  "
               f"PSNR@{args.rate:g}bpp {r['psnr_at_rate']:.2f} dB")
@@ -319,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--out", default="docs/learning_curve.png")
     cu.add_argument("--rate", type=float, default=0.5, help="bits per pixel")
     cu.add_argument("--limit", type=int, default=6, help="first N images")
+    cu.add_argument("--every", type=int, default=1,
+                    help="measure every N-th snapshot of each stage (and each stage's last)")
     cu.set_defaults(func=cmd_curve)
 
     ex = sub.add_parser("export", help="copy a training run's weights into model_store/")

@@ -2,9 +2,12 @@
 
 Snapshots are written at every validation of `compass-serve train`; this only reports on them
 (Kodak is never used to select a model). Backbone-stage snapshots are measured as the
-single-layer codec on the full image, joint-stage ones as the 3-layer stream's top layer with
-cumulative bits, each at every trained quality; PSNR at `rate` bpp is interpolated linearly in
-log-rate between the qualities that bracket it.
+single-layer codec on the full image, residual- and joint-stage ones as the 3-layer stream's
+top layer with cumulative bits, each at every trained quality; PSNR at `rate` bpp is
+interpolated linearly in log-rate between the qualities that bracket it.
+
+Training spans sessions on fresh machines, so the curve keeps the rows it measured for
+snapshots that are no longer on disk: the JSON beside the plot is the curve's record.
 """
 
 from __future__ import annotations
@@ -32,23 +35,43 @@ def psnr_at_rate(points: list[tuple[float, float]], rate: float) -> float:
     return float(np.interp(np.log(rate), rates, [p[1] for p in pts]))
 
 
+# Stages whose snapshots are measured as the whole 3-layer COMPASS stream.
+ENHANCEMENT_STAGES = ("residual", "joint")
+
+
+def _measurable(snapshots: list[Path], every: int) -> list[Path]:
+    """Every `every`-th snapshot of each stage, and always each stage's last one."""
+    by_stage: dict[str, list[Path]] = {}
+    for snap in snapshots:
+        with safe_open(str(snap), "pt") as fh:
+            stage = fh.metadata()["stage"]
+        if stage == "backbone" or stage in ENHANCEMENT_STAGES:
+            by_stage.setdefault(stage, []).append(snap)
+    keep = [s for snaps in by_stage.values() for i, s in enumerate(snaps)
+            if i % every == 0 or i == len(snaps) - 1]
+    return sorted(keep)
+
+
 def snapshot_curve(run: Path, data: Path, rate: float, limit: int, preset: str = "lite",
-                   done: dict[str, dict] | None = None) -> list[dict]:
-    """One row per snapshot; `done` holds rows measured earlier (by snapshot name, same images),
-    so a curve can be brought up to date while training goes on."""
+                   done: dict[str, dict] | None = None, every: int = 1) -> list[dict]:
+    """One row per snapshot (every `every`-th of each stage); `done` holds rows measured
+    earlier (by snapshot name, same images), so a curve can be brought up to date while
+    training goes on, and rows of snapshots gone with an earlier machine are kept."""
     paths = list_images(data)[:limit]
     images = [load_rgb(p) for p in paths]
     names = [p.name for p in paths]
-    rows = []
-    for snap in tqdm(sorted((run / "snapshots").glob("*.safetensors")), desc="snapshots"):
-        old = (done or {}).get(snap.name)
+    done = done or {}
+    snapshots = sorted((run / "snapshots").glob("*.safetensors"))
+    on_disk = {s.name for s in snapshots}
+    rows = [r | {"psnr_at_rate": psnr_at_rate([tuple(p) for p in r["points"]], rate)}
+            for name, r in done.items() if name not in on_disk and r.get("images") == names]
+    for snap in tqdm(_measurable(snapshots, every), desc="snapshots"):
+        old = done.get(snap.name)
         if old is not None and old.get("images") == names:
             rows.append(old | {"psnr_at_rate": psnr_at_rate([tuple(p) for p in old["points"]], rate)})
             continue
         with safe_open(str(snap), "pt") as fh:
             meta = fh.metadata()
-        if meta["stage"] not in ("backbone", "joint"):
-            continue
         model = build(PRESETS[preset], load_file(str(snap)))
         codec = Codec(model, preset, bytes(8))
         points = []
@@ -68,7 +91,7 @@ def snapshot_curve(run: Path, data: Path, rate: float, limit: int, preset: str =
         rows.append({"snapshot": snap.name, "stage": meta["stage"], "step": int(meta["step"]),
                      "hours": float(meta["hours"]), "points": points, "images": names,
                      "psnr_at_rate": psnr_at_rate(points, rate)})
-    return rows
+    return sorted(rows, key=lambda r: r["hours"])
 
 
 def plot_curve(rows: list[dict], rate: float, path: Path, title: str) -> None:
@@ -78,12 +101,20 @@ def plot_curve(rows: list[dict], rate: float, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    labels = {"backbone": "stage 1: single-layer backbone (full image)",
-              "joint": "stage 4: COMPASS 3 layers, top layer (cumulative bits)"}
-    for stage, style in (("backbone", "o-"), ("joint", "s-")):
-        pts = [(r["hours"], r["psnr_at_rate"]) for r in rows if r["stage"] == stage]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=labels[stage])
+    backbone = [(r["hours"], r["psnr_at_rate"]) for r in rows if r["stage"] == "backbone"]
+    if backbone:
+        ax.plot(*zip(*backbone, strict=True), "o-", label="stage 1: single-layer backbone (full image)")
+    compass = [r for r in rows if r["stage"] in ENHANCEMENT_STAGES]
+    if compass:
+        ax.plot([r["hours"] for r in compass], [r["psnr_at_rate"] for r in compass], "-",
+                color="C1", label="COMPASS 3 layers, top layer (cumulative bits)")
+        for stage, marker in (("joint", "s"), ("residual", "^")):
+            pts = [(r["hours"], r["psnr_at_rate"]) for r in compass if r["stage"] == stage]
+            if pts:
+                name = "joint LIFF + RC" if stage == "joint" else "RC only (LIFF frozen)"
+                ax.plot(*zip(*pts, strict=True), marker, color="C1", linestyle="none",
+                        fillstyle="full" if stage == "joint" else "none",
+                        label=f"  snapshots: {name}")
     ax.set_xlabel("training hours (2-core CPU)")
     ax.set_ylabel(f"Kodak RGB PSNR at {rate:g} bpp (dB)")
     ax.set_title(title)
@@ -95,10 +126,10 @@ def plot_curve(rows: list[dict], rate: float, path: Path, title: str) -> None:
 
 
 def learning_curve(run: Path, data: Path, out: Path, rate: float = 0.5, limit: int = 6,
-                   preset: str = "lite") -> list[dict]:
+                   preset: str = "lite", every: int = 1) -> list[dict]:
     cache = out.with_suffix(".json")
     done = {r["snapshot"]: r for r in json.loads(cache.read_text())} if cache.exists() else {}
-    rows = snapshot_curve(run, data, rate, limit, preset, done=done)
+    rows = snapshot_curve(run, data, rate, limit, preset, done=done, every=every)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     plot_curve(rows, rate, out, f"learning curve ({limit} Kodak images)")

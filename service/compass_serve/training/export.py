@@ -33,7 +33,12 @@ def export_run(run: Path, name: str, weights: str = "last", preset: str | None =
         with log.open() as fh:
             rows = list(csv.DictReader(fh))
         if rows:
+            # The row of the exported weights: the last validation, or for "best" the lowest
+            # held-out loss of the stage that wrote best.safetensors last (best is per stage).
             last = rows[-1]
+            if weights == "best":
+                stage_rows = [r for r in rows if r["stage"] == last["stage"]]
+                last = min(stage_rows, key=lambda r: float(r["val_loss"]))
             val = {k: float(v) for k, v in last.items() if k.startswith("q") or k == "val_loss"}
             val["stage"] = last["stage"]
             val["note"] = ("held-out slice, 256-px centre crops, ladder 64/128/256, "
