@@ -158,7 +158,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from compass_serve.evaluation.plots import learning_curve
 
         with (Path(args.run) / "log.csv").open() as fh:
-            rows = [r for r in csv.DictReader(fh) if r["stage"] in ("backbone", "joint")]
+            rows = [r for r in csv.DictReader(fh) if r["stage"] in ("backbone", "residual", "joint")]
         learning_curve(rows, Path(args.plot), f"{args.name}: held-out PSNR while training")
         print(f"learning curve: {args.plot}")
     return 0

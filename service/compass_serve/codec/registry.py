@@ -181,6 +181,7 @@ def save_model(
     if sha256_file(tmp) != _current_sha(name, store):
         archive_model(name, store)
     tmp.replace(weights)
+    weights.chmod(0o644)  # safetensors writes 0600; servers and workers may run as other users
     doc = {
         "name": name,
         "preset": preset,
