@@ -113,7 +113,7 @@ def test_learning_curve_measures_every_nth_snapshot_and_the_last(tmp_path: Path)
             p = tmp_path / f"{stage}-{i:06d}.safetensors"
             save_file({"w": torch.zeros(1)}, str(p), metadata={"stage": stage, "step": str(i)})
             paths.append(p)
-    names = [p.name for p in _measurable(paths, every=4)]
+    names = [p.name for p, _meta in _measurable(paths, every=4)]
     assert names == ["backbone-000000.safetensors", "backbone-000002.safetensors",
                      "residual-000000.safetensors", "residual-000004.safetensors",
                      "residual-000005.safetensors"]

@@ -155,10 +155,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.plot:
         import csv
 
+        from compass_serve.evaluation.curve import CURVE_STAGES
         from compass_serve.evaluation.plots import learning_curve
 
         with (Path(args.run) / "log.csv").open() as fh:
-            rows = [r for r in csv.DictReader(fh) if r["stage"] in ("backbone", "residual", "joint")]
+            rows = [r for r in csv.DictReader(fh) if r["stage"] in CURVE_STAGES]
         learning_curve(rows, Path(args.plot), f"{args.name}: held-out PSNR while training")
         print(f"learning curve: {args.plot}")
     return 0

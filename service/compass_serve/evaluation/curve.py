@@ -35,21 +35,24 @@ def psnr_at_rate(points: list[tuple[float, float]], rate: float) -> float:
     return float(np.interp(np.log(rate), rates, [p[1] for p in pts]))
 
 
-# Stages whose snapshots are measured as the whole 3-layer COMPASS stream.
+# Stages whose snapshots are measured as the whole 3-layer COMPASS stream; with the backbone,
+# the stages a learning curve shows (LIFF pre-training measures only a prediction).
 ENHANCEMENT_STAGES = ("residual", "joint")
+CURVE_STAGES = ("backbone", *ENHANCEMENT_STAGES)
 
 
-def _measurable(snapshots: list[Path], every: int) -> list[Path]:
-    """Every `every`-th snapshot of each stage, and always each stage's last one."""
-    by_stage: dict[str, list[Path]] = {}
+def _measurable(snapshots: list[Path], every: int) -> list[tuple[Path, dict[str, str]]]:
+    """(snapshot, metadata) for every `every`-th snapshot of each curve stage, and always each
+    stage's last one."""
+    by_stage: dict[str, list[tuple[Path, dict[str, str]]]] = {}
     for snap in snapshots:
         with safe_open(str(snap), "pt") as fh:
-            stage = fh.metadata()["stage"]
-        if stage == "backbone" or stage in ENHANCEMENT_STAGES:
-            by_stage.setdefault(stage, []).append(snap)
+            meta = fh.metadata()
+        if meta["stage"] in CURVE_STAGES:
+            by_stage.setdefault(meta["stage"], []).append((snap, meta))
     keep = [s for snaps in by_stage.values() for i, s in enumerate(snaps)
             if i % every == 0 or i == len(snaps) - 1]
-    return sorted(keep)
+    return sorted(keep, key=lambda s: s[0])
 
 
 def snapshot_curve(run: Path, data: Path, rate: float, limit: int, preset: str = "lite",
@@ -65,13 +68,11 @@ def snapshot_curve(run: Path, data: Path, rate: float, limit: int, preset: str =
     on_disk = {s.name for s in snapshots}
     rows = [r | {"psnr_at_rate": psnr_at_rate([tuple(p) for p in r["points"]], rate)}
             for name, r in done.items() if name not in on_disk and r.get("images") == names]
-    for snap in tqdm(_measurable(snapshots, every), desc="snapshots"):
+    for snap, meta in tqdm(_measurable(snapshots, every), desc="snapshots"):
         old = done.get(snap.name)
         if old is not None and old.get("images") == names:
             rows.append(old | {"psnr_at_rate": psnr_at_rate([tuple(p) for p in old["points"]], rate)})
             continue
-        with safe_open(str(snap), "pt") as fh:
-            meta = fh.metadata()
         model = build(PRESETS[preset], load_file(str(snap)))
         codec = Codec(model, preset, bytes(8))
         points = []
