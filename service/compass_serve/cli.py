@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     t.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     t.add_argument("--warmup-steps", type=int, default=200,
-                   help="linear learning-rate warm-up when the optimizer starts anew")
+                   help="linear learning-rate warm-up (from 0, or from a resumed optimizer's rate)")
     t.add_argument("--val-minutes", type=float, default=5.0,
                    help="held-out validation (and a learning-curve snapshot) every N minutes")
     t.add_argument("--checkpoint-minutes", type=float, default=5.0)

@@ -105,12 +105,14 @@ class Trainer:
         eb = [p for n, p in self.model.named_parameters() if n.endswith("quantiles")]
         self.aux_opt = torch.optim.Adam(eb, lr=1e-3)
         opt_path = self.out / f"optimizer-{args.stage}.pt"
-        self.fresh_optimizer = True
+        # Warm-up ramps from this rate: 0 for a fresh optimizer, the saved one on a resume (a
+        # resume that raises the rate, e.g. a new decay cycle, is ramped too, not jumped).
+        self.start_lr = 0.0
         if args.resume and opt_path.exists():
-            self.fresh_optimizer = False
             st = torch.load(opt_path, map_location=self.device, weights_only=True)
             self.opt.load_state_dict(st["opt"])
             self.aux_opt.load_state_dict(st["aux"])
+            self.start_lr = float(self.opt.param_groups[0]["lr"])
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -183,14 +185,16 @@ class Trainer:
         return x[None, :, y0 : y0 + s, x0 : x0 + s].float().div(255).to(self.device)
 
     def lr_at(self, frac: float, session_steps: int = 0) -> float:
-        """Held, then cosine to 5% over the last 40% of the budget; warm-up on a fresh optimizer."""
-        warm = 1.0
-        if self.fresh_optimizer and self.args.warmup_steps > 0:
-            warm = min(1.0, (session_steps + 1) / self.args.warmup_steps)
+        """Held, then cosine to 5% over the last 40% of the budget, reached by a linear warm-up."""
         if frac < 0.6:
-            return self.args.lr * warm
-        t = min(1.0, (frac - 0.6) / 0.4)
-        return warm * self.args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+            lr = self.args.lr
+        else:
+            t = min(1.0, (frac - 0.6) / 0.4)
+            lr = self.args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+        if self.args.warmup_steps > 0 and self.start_lr < lr:
+            warm = min(1.0, (session_steps + 1) / self.args.warmup_steps)
+            lr = self.start_lr + (lr - self.start_lr) * warm
+        return lr
 
     # -- one step ----------------------------------------------------------------------------------
     def _chain(self, crop: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
@@ -249,7 +253,7 @@ class Trainer:
             self.aux_opt.step()
         return {
             "loss": float(loss.detach()),
-            "bpp": float(bpp.mean()),
+            "bpp": float(bpp.detach().mean()),
             "psnr": float(psnr(mse.detach()).mean()),
         }
 

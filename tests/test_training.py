@@ -1,0 +1,93 @@
+"""The staged trainer on a tiny model: each stage moves only its own parameters, runs resume
+where they stopped, and a resume that raises the learning rate ramps up to it."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from compass_serve.training.train import STAGES, TrainArgs, Trainer
+from tests.conftest import photo
+
+# Which parameters each stage may change (prefixes of Compass's parameter names).
+TRAINS = {
+    "backbone": ("base.",),
+    "liff": ("enhancement.liff.",),
+    "residual": ("enhancement.residual.",),
+    "joint": ("enhancement.liff.", "enhancement.residual."),
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    for i in range(21):  # every 20th image (index 10) is held out
+        photo(80, 72, seed=i).save(root / f"{i:02d}.png")
+    return root
+
+
+def args(data: Path, out: Path, stage: str, **kw: object) -> TrainArgs:
+    base = dict(stage=stage, preset="tiny", data=str(data), out=str(out), minutes=0.03, lr=1e-3,
+                batch=2, crop=64, threads=1, warmup_steps=4, checkpoint_minutes=10,
+                val_minutes=10)
+    base.update(kw)
+    return TrainArgs(**base)  # type: ignore[arg-type]
+
+
+def params(t: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in t.model.named_parameters()}
+
+
+def test_each_stage_moves_only_its_own_parameters(data: Path, tmp_path: Path) -> None:
+    for stage in STAGES:
+        t = Trainer(args(data, tmp_path, stage))
+        before = params(t)
+        t.run()
+        after = params(t)
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        assert changed, f"{stage} trained nothing"
+        strays = {n for n in changed if not n.startswith(TRAINS[stage])}
+        assert not strays, f"{stage} changed frozen parameters: {sorted(strays)[:5]}"
+        assert any(n.startswith(p) for n in changed for p in TRAINS[stage])
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert all(progress[s]["steps"] > 0 for s in STAGES)
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert [r["stage"] for r in rows] == list(STAGES)  # one validation row per stage's end
+    assert all(float(r["val_loss"]) > 0 for r in rows)
+    for name in ("last", "best"):
+        assert (tmp_path / f"{name}.safetensors").stat().st_size > 0
+
+
+def test_a_longer_budget_resumes_where_the_run_stopped(data: Path, tmp_path: Path) -> None:
+    Trainer(args(data, tmp_path, "residual")).run()
+    first = json.loads((tmp_path / "progress.json").read_text())["residual"]
+    Trainer(args(data, tmp_path, "residual", minutes=0.06)).run()
+    second = json.loads((tmp_path / "progress.json").read_text())["residual"]
+    assert second["steps"] > first["steps"]
+    assert second["seconds"] >= 0.06 * 60 > first["seconds"]
+    lines = (tmp_path / "log.csv").read_text().splitlines()
+    assert sum(line.startswith("stage,") for line in lines) == 1  # appended, header once
+    assert len(lines) == 3
+
+
+def test_warm_up_ramps_from_zero_or_from_the_resumed_rate(data: Path, tmp_path: Path) -> None:
+    fresh = Trainer(args(data, tmp_path, "residual", lr=1e-3, resume=False))
+    assert fresh.start_lr == 0.0
+    assert fresh.lr_at(0.0, 0) == pytest.approx(1e-3 / 4)
+    fresh.run()
+    # The run ended in its cosine decay; a new cycle at a higher rate ramps up from the saved
+    # rate instead of jumping on warm Adam moments.
+    last = float(list(csv.DictReader((tmp_path / "log.csv").open()))[-1]["lr"])
+    assert last < 1e-3
+    resumed = Trainer(args(data, tmp_path, "residual", minutes=1.0, lr=2e-3))
+    assert resumed.start_lr == pytest.approx(last)
+    ramp = [resumed.lr_at(0.0, s) for s in range(5)]
+    assert ramp[0] == pytest.approx(last + (2e-3 - last) / 4)
+    assert ramp == sorted(ramp) and ramp[-1] == pytest.approx(2e-3)
+    # A resume at or below the saved rate needs no ramp.
+    lower = Trainer(args(data, tmp_path, "residual", minutes=1.0, lr=0.01e-3))
+    assert lower.lr_at(0.0, 0) == pytest.approx(0.01e-3)
