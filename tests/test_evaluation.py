@@ -100,6 +100,16 @@ def test_learning_curve_from_snapshots_reuses_measured_rows(tmp_path: Path,
     monkeypatch.setattr(curve, "code_compass", no_coding)
     again = curve.learning_curve(tmp_path / "run", data, out, rate=0.5, limit=1, preset="tiny")
     assert json.dumps([r["points"] for r in again]) == json.dumps([r["points"] for r in later])
+    # A coarser `every` skips snapshots, but never drops the rows measured for them.
+    monkeypatch.undo()
+    for step, hours in ((300, 1.75), (400, 2.0)):
+        save_file(state_dict_for_save(model), str(snaps / f"residual-{step:06d}.safetensors"),
+                  metadata={"stage": "residual", "step": str(step), "hours": str(hours)})
+    full = curve.learning_curve(tmp_path / "run", data, out, rate=0.5, limit=1, preset="tiny")
+    monkeypatch.setattr(curve, "code_compass", no_coding)
+    coarse = curve.learning_curve(tmp_path / "run", data, out, rate=0.5, limit=1, preset="tiny",
+                                  every=2)  # selects residual 50 and 400, skips 300
+    assert [r["hours"] for r in coarse] == [r["hours"] for r in full] == [0.5, 1.0, 1.5, 1.75, 2.0]
 
 
 def test_learning_curve_measures_every_nth_snapshot_and_the_last(tmp_path: Path) -> None:

@@ -59,16 +59,19 @@ def snapshot_curve(run: Path, data: Path, rate: float, limit: int, preset: str =
                    done: dict[str, dict] | None = None, every: int = 1) -> list[dict]:
     """One row per snapshot (every `every`-th of each stage); `done` holds rows measured
     earlier (by snapshot name, same images), so a curve can be brought up to date while
-    training goes on, and rows of snapshots gone with an earlier machine are kept."""
+    training goes on; rows of snapshots not measured this time are kept."""
     paths = list_images(data)[:limit]
     images = [load_rgb(p) for p in paths]
     names = [p.name for p in paths]
     done = done or {}
     snapshots = sorted((run / "snapshots").glob("*.safetensors"))
-    on_disk = {s.name for s in snapshots}
+    measurable = _measurable(snapshots, every)
+    selected = {snap.name for snap, _meta in measurable}
+    # Rows of snapshots not measured this time (gone with an earlier machine, or skipped by
+    # `every`) are kept: a measured row is never dropped.
     rows = [r | {"psnr_at_rate": psnr_at_rate([tuple(p) for p in r["points"]], rate)}
-            for name, r in done.items() if name not in on_disk and r.get("images") == names]
-    for snap, meta in tqdm(_measurable(snapshots, every), desc="snapshots"):
+            for name, r in done.items() if name not in selected and r.get("images") == names]
+    for snap, meta in tqdm(measurable, desc="snapshots"):
         old = done.get(snap.name)
         if old is not None and old.get("images") == names:
             rows.append(old | {"psnr_at_rate": psnr_at_rate([tuple(p) for p in old["points"]], rate)})
