@@ -51,8 +51,9 @@ class TrainArgs:
     threads: int = 0
     checkpoint_minutes: float = 5.0
     val_minutes: float = 5.0
-    # Linear warm-up (steps) whenever the optimizer starts anew (a fresh run, or --init-from
-    # shipped weights): full-size Adam steps on fresh moments knock trained weights off course.
+    # Linear warm-up (steps) when the optimizer starts anew (a fresh run, or --init-from shipped
+    # weights: full-size Adam steps on fresh moments knock trained weights off course), and
+    # when a resume raises the rate above the saved one (a new decay cycle).
     warmup_steps: int = 200
     resume: bool = True
     init_from: str | None = None  # model-store name to start from when the run dir is empty
