@@ -52,7 +52,6 @@ def test_each_stage_moves_only_its_own_parameters(data: Path, tmp_path: Path) ->
         assert changed, f"{stage} trained nothing"
         strays = {n for n in changed if not n.startswith(TRAINS[stage])}
         assert not strays, f"{stage} changed frozen parameters: {sorted(strays)[:5]}"
-        assert any(n.startswith(p) for n in changed for p in TRAINS[stage])
     progress = json.loads((tmp_path / "progress.json").read_text())
     assert all(progress[s]["steps"] > 0 for s in STAGES)
     rows = list(csv.DictReader((tmp_path / "log.csv").open()))

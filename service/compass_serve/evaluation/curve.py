@@ -55,6 +55,11 @@ def _measurable(snapshots: list[Path], every: int) -> list[tuple[Path, dict[str,
     return sorted(keep, key=lambda s: s[0])
 
 
+def _at_rate(row: dict, rate: float) -> dict:
+    """A measured row with its PSNR at `rate` (re-derived: the rate may differ from last time)."""
+    return row | {"psnr_at_rate": psnr_at_rate([tuple(p) for p in row["points"]], rate)}
+
+
 def snapshot_curve(run: Path, data: Path, rate: float, limit: int, preset: str = "lite",
                    done: dict[str, dict] | None = None, every: int = 1) -> list[dict]:
     """One row per snapshot (every `every`-th of each stage); `done` holds rows measured
@@ -69,12 +74,12 @@ def snapshot_curve(run: Path, data: Path, rate: float, limit: int, preset: str =
     selected = {snap.name for snap, _meta in measurable}
     # Rows of snapshots not measured this time (gone with an earlier machine, or skipped by
     # `every`) are kept: a measured row is never dropped.
-    rows = [r | {"psnr_at_rate": psnr_at_rate([tuple(p) for p in r["points"]], rate)}
-            for name, r in done.items() if name not in selected and r.get("images") == names]
+    rows = [_at_rate(r, rate) for name, r in done.items()
+            if name not in selected and r.get("images") == names]
     for snap, meta in tqdm(measurable, desc="snapshots"):
         old = done.get(snap.name)
         if old is not None and old.get("images") == names:
-            rows.append(old | {"psnr_at_rate": psnr_at_rate([tuple(p) for p in old["points"]], rate)})
+            rows.append(_at_rate(old, rate))
             continue
         model = build(PRESETS[preset], load_file(str(snap)))
         codec = Codec(model, preset, bytes(8))
