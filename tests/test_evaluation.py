@@ -127,3 +127,20 @@ def test_learning_curve_measures_every_nth_snapshot_and_the_last(tmp_path: Path)
     assert names == ["backbone-000000.safetensors", "backbone-000002.safetensors",
                      "residual-000000.safetensors", "residual-000004.safetensors",
                      "residual-000005.safetensors"]
+
+
+def test_heldout_plot_keeps_backbone_rows_apart(tmp_path: Path) -> None:
+    from compass_serve.evaluation.plots import heldout_series, learning_curve
+
+    rows = [
+        {"stage": "residual", "hours": "5.9", "q1_psnr": "26.8", "q2_psnr": "28.0"},
+        {"stage": "backbone", "hours": "6.1", "q1_psnr": "24.5", "q2_psnr": "25.4"},
+        {"stage": "residual", "hours": "7.6", "q1_psnr": "26.9", "q2_psnr": ""},
+    ]
+    series = heldout_series(rows)
+    assert series[("q1", False)] == [(5.9, 26.8), (7.6, 26.9)]
+    assert series[("q1", True)] == [(6.1, 24.5)]
+    assert series[("q2", False)] == [(5.9, 28.0)]  # an empty cell is no point
+    out = tmp_path / "curve.png"
+    learning_curve(rows, out, "t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

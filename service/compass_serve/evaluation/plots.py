@@ -47,18 +47,33 @@ def rd_plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def heldout_series(rows: list[dict]) -> dict[tuple[str, bool], list[tuple[float, float]]]:
+    """(quality, is_backbone) -> [(hours, held-out PSNR)] from a run's log.csv rows. Backbone
+    rows measure the single-layer codec, the other stages the 3-layer chain's top layer, so
+    they are separate series, never one line."""
+    series: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("q") and k.endswith("_psnr") and v:
+                key = (k.removesuffix("_psnr"), r.get("stage") == "backbone")
+                series.setdefault(key, []).append((float(r["hours"]), float(v)))
+    return series
+
+
 def learning_curve(rows: list[dict], path: Path, title: str) -> None:
-    """Held-out PSNR per quality against training hours, from a run's log.csv rows."""
+    """Held-out PSNR per quality against training hours (dashed: the backbone stage)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    qs = sorted({k.split("_")[0] for r in rows for k in r if k.startswith("q") and "_psnr" in k})
-    for q in qs:
-        pts = [(float(r["hours"]), float(r[f"{q}_psnr"])) for r in rows if r.get(f"{q}_psnr")]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=q)
+    series = heldout_series(rows)
+    qs = sorted({q for q, _ in series})
+    for (q, backbone), pts in sorted(series.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--" if backbone else "o-", ms=3,
+                color=f"C{qs.index(q)}",
+                label=f"{q} backbone (single layer)" if backbone else f"{q} top layer")
     ax.set_xlabel("training hours (all stages)")
-    ax.set_ylabel("held-out PSNR (dB), top layer")
+    ax.set_ylabel("held-out PSNR (dB)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
