@@ -144,6 +144,20 @@ def test_liff_chunked_inference_equals_whole_image() -> None:
     assert torch.allclose(whole, chunked, atol=1e-5)
 
 
+def test_liff_in_place_inference_equals_the_autograd_path() -> None:
+    """Inference overwrites per-pixel temporaries in place; it must compute exactly what the
+    out-of-place (autograd) path computes, or decodes would drift from training."""
+    torch.manual_seed(1)
+    liff = Liff(LiffConfig(features=8, blocks=1, convs=2, growth=8, hidden=16, depth=3)).eval()
+    x = torch.rand(2, 3, 11, 9)
+    with torch.enable_grad():
+        graded = liff(x, (31, 20))
+    with torch.inference_mode():
+        in_place = liff(x, (31, 20))
+    assert graded.requires_grad and not in_place.requires_grad
+    assert torch.equal(graded.detach(), in_place)
+
+
 def test_liff_strips_equal_whole_image_at_every_scale() -> None:
     """Strip-wise inference (bounded memory) computes the same function as one pass."""
     torch.manual_seed(1)
