@@ -184,7 +184,7 @@ class Liff(nn.Module):
         first, g, bias = (m.reshape(-1, m.shape[-1]).index_select(0, index).view(b, -1, m.shape[-1])
                           for m in lowres)                                # [B, P, .]
         # In place wherever autograd allows: at inference every per-pixel temporary is a fresh
-        # multi-MB allocation, and skipping them makes LIFF 12-18% faster (same arithmetic,
+        # multi-MB allocation, and skipping them speeds LIFF up (same arithmetic,
         # so bit-identical results).
         h = torch.relu_(first.add_(coord))  # index_select, add and addmm keep no output
         for layer in self.hidden:
