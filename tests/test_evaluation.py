@@ -32,9 +32,9 @@ def test_evaluate_writes_every_table(tiny_codec: Codec, tmp_path: Path,
     calls: list[tuple[int, int]] = []
     real = run.code_single
 
-    def counting(codec: Codec, ref, q: float):  # type: ignore[no-untyped-def]
+    def counting(codec: Codec, ref, q: float, refine_steps: int = 0):  # type: ignore[no-untyped-def]
         calls.append(ref.size)
-        return real(codec, ref, q)
+        return real(codec, ref, q, refine_steps)
 
     monkeypatch.setattr(run, "code_single", counting)
     res = run.evaluate(tiny_codec, data, tmp_path / "out", qualities=[1.0, 4.0], with_tables=True)
@@ -56,7 +56,29 @@ def test_evaluate_writes_every_table(tiny_codec: Codec, tmp_path: Path,
     # The whole image is coded once per quality; simulcast's top layer and the tables reuse it.
     assert calls.count((96, 64)) == 2
     assert len(res["timing"]["decode_s_up_to_layer"]) == 3 and res["timing"]["encode_s_all_layers"] > 0
+    assert res["timing"]["decode_repeats"] == 3
     assert np.isfinite(res["ablation"]["liff"][0]["psnr"])
+
+
+def test_encoder_refinement_reaches_every_coding(tiny_codec: Codec, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "kodak"
+    data.mkdir()
+    photo(64, 48).save(data / "img0.png")
+    steps: list[int] = []
+    real = Codec.encode
+
+    def spy(self: Codec, image, **kw):  # type: ignore[no-untyped-def]
+        steps.append(kw.get("refine_steps", 0))
+        return real(self, image, **kw)
+
+    monkeypatch.setattr(Codec, "encode", spy)
+    res = run.evaluate(tiny_codec, data, tmp_path / "out", qualities=[2.0], with_anchors=False,
+                       with_tables=True, refine_steps=2)
+    # COMPASS, the backbone anchors, the ablation, the tables and the timing: all refined alike.
+    assert len(steps) > 20 and set(steps) == {2}
+    assert res["refine_steps"] == 2
+    assert "refinement 2 steps" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_learning_curve_from_snapshots_reuses_measured_rows(tmp_path: Path,

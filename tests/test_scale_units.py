@@ -54,6 +54,28 @@ def test_a_job_runs_once_however_often_it_is_delivered(parts: tuple, tiny_codec:
     assert store.get(stream_key(iid)) == stream and store.size(source_key(iid)) is None
 
 
+def test_the_refinement_setting_reaches_the_encoder(tmp_path: Path, tiny_codec: Codec,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(encode_refine_steps=3)
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    db.migrate()
+    store = LocalBlobStore(tmp_path / "blobs")
+    enc = Encoder(db, store, lambda: tiny_codec, LIMITS, refine_steps=settings.encode_refine_steps)
+    seen: list[int] = []
+    real = Codec.encode
+
+    def spy(self: Codec, image, **kw):  # type: ignore[no-untyped-def]
+        seen.append(kw["refine_steps"])
+        return real(self, image, **kw)
+
+    monkeypatch.setattr(Codec, "encode", spy)
+    iid = _pending(db, store, tiny_codec)
+    assert enc.run(iid) == READY_OUTCOME and seen == [3]
+    assert tiny_codec.decode(store.get(stream_key(iid))).image.size == (40, 30)
+    with pytest.raises(ValueError):
+        Settings(encode_refine_steps=-1)
+
+
 def test_a_late_failing_duplicate_does_not_undo_a_success(parts: tuple, tiny_codec: Codec) -> None:
     db, store, enc = parts
     iid = _pending(db, store, tiny_codec)

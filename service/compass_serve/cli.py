@@ -37,7 +37,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     codec = Codec.load(args.model)
     image = load_rgb(args.input)
-    data = codec.encode(image, widths=args.widths, scales=args.scales, quality=args.quality)
+    data = codec.encode(image, widths=args.widths, scales=args.scales, quality=args.quality,
+                        refine_steps=args.refine_steps)
     Path(args.output).write_bytes(data)
     header = bs.parse_header(data)
     layers = " -> ".join(f"{e.width}x{e.height}" for e in header.table)
@@ -123,14 +124,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     codec = Codec.load(args.model)
     res = evaluate(codec, Path(args.data), Path(args.out), qualities=args.qualities,
                    limit=args.limit, with_anchors=not args.no_anchors,
-                   with_ablation=not args.no_ablation, with_tables=args.tables)
+                   with_ablation=not args.no_ablation, with_tables=args.tables,
+                   refine_steps=args.refine_steps)
     print((Path(args.out) / "results.md").read_text())
     if args.write_manifest:
         from compass_serve.codec.registry import update_manifest
 
         update_manifest(args.model, {"eval": {k: res[k] for k in (
-            "data", "images", "machine", "ladder_scales", "compass", "single_layer", "simulcast",
-            "bd_rate", "timing") if k in res} | ({"ablation_bd_el_bits_liff_vs_bicubic":
+            "data", "images", "machine", "refine_steps", "ladder_scales", "compass", "single_layer",
+            "simulcast", "bd_rate", "timing") if k in res} | ({"ablation_bd_el_bits_liff_vs_bicubic":
                 res["ablation"]["bd_el_bits_liff_vs_bicubic"]} if "ablation" in res else {})})
     return 0
 
@@ -256,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scales", type=_floats, help="layer scales, e.g. 0.25,0.5,1")
     g.add_argument("--widths", type=_ints, help="layer widths in pixels, e.g. 192,384,768")
     e.add_argument("--quality", type=float, default=None, help="1..Q, fractional allowed")
+    e.add_argument("--refine-steps", type=int, default=0, metavar="N",
+                   help="optimise each layer's latent for N steps: fewer bytes, slower encode")
     e.add_argument("--model", default="lite")
     e.set_defaults(func=cmd_encode)
 
@@ -311,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-ablation", action="store_true", help="skip LIFF vs bicubic")
     ev.add_argument("--tables", action="store_true", help="also the arbitrary-scale tables")
     ev.add_argument("--threads", type=int, default=0)
+    ev.add_argument("--refine-steps", type=int, default=0, metavar="N",
+                    help="encoder latent refinement for every COMPASS and backbone coding")
     ev.add_argument("--write-manifest", action="store_true",
                     help="store the figures in the model's manifest")
     ev.set_defaults(func=cmd_eval)

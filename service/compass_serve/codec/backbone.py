@@ -22,6 +22,7 @@ from compressai.layers import GDN
 from torch import nn
 
 from compass_serve.codec.layers import Analysis, Size, Synthesis, exact_conv, halvings
+from compass_serve.codec.refine import Refinement, rd_cost, refine_latent
 
 # CompressAI's scale table: 64 log-spaced scales from 0.11 to 256.
 SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
@@ -107,7 +108,9 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor, quality: torch.Tensor) -> dict[str, object]:
         raise NotImplementedError
 
-    def compress(self, x: torch.Tensor, quality: float) -> Coded:
+    def compress(self, x: torch.Tensor, quality: float, lam: float = 0.0,
+                 refine: Refinement | None = None) -> Coded:
+        """Entropy-code x; with `refine`, the latent is first optimised for R + lam * D."""
         raise NotImplementedError
 
     def decompress(self, strings: list[bytes], size: Size, quality: float) -> torch.Tensor:
@@ -182,7 +185,8 @@ class HyperpriorBackbone(Backbone):
         return {"x_hat": x_hat, "likelihoods": {"y": y_lik, "z": z_lik}}
 
     @torch.no_grad()
-    def compress(self, x: torch.Tensor, quality: float) -> Coded:
+    def compress(self, x: torch.Tensor, quality: float, lam: float = 0.0,
+                 refine: Refinement | None = None) -> Coded:
         size = (x.shape[-2], x.shape[-1])
         y = self.g_a(x) * self.gain(quality)
         z = self.h_a(y)
@@ -190,10 +194,22 @@ class HyperpriorBackbone(Backbone):
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
         scales, means = self._entropy_params(z_hat, size, exact=True)
         indexes = self.gaussian_conditional.build_indexes(scales)
-        y_strings = self.gaussian_conditional.compress(y, indexes, means)
-        y_hat = torch.round(y - means) + means
-        x_hat = self.synthesize(y_hat * self.inv_gain(quality), size)
-        return Coded([z_strings[0], y_strings[0]], x_hat)
+        inv_gain = self.inv_gain(quality)
+
+        def code(y: torch.Tensor) -> Coded:
+            y_strings = self.gaussian_conditional.compress(y, indexes, means)
+            y_hat = torch.round(y - means) + means
+            return Coded([z_strings[0], y_strings[0]], self.synthesize(y_hat * inv_gain, size))
+
+        coded = code(y)
+        if refine is None or refine.steps == 0:
+            return coded
+        y_ref = refine_latent(y, x, scales, means, lambda v: self.synthesize(v * inv_gain, size),
+                              self.gaussian_conditional, lam, refine)
+        refined = code(y_ref)
+        # Keep the refined latent only if it lowers the real (coded) cost: never a regression.
+        cost = [rd_cost(sum(map(len, c.strings)), c.x_hat, x, lam) for c in (coded, refined)]
+        return refined if cost[1] < cost[0] else coded
 
     @torch.no_grad()
     def decompress(self, strings: list[bytes], size: Size, quality: float) -> torch.Tensor:
@@ -227,7 +243,10 @@ class FactorizedBackbone(Backbone):
         return {"x_hat": x_hat, "likelihoods": {"y": y_lik}}
 
     @torch.no_grad()
-    def compress(self, x: torch.Tensor, quality: float) -> Coded:
+    def compress(self, x: torch.Tensor, quality: float, lam: float = 0.0,
+                 refine: Refinement | None = None) -> Coded:
+        if refine is not None and refine.steps > 0:
+            raise ValueError("latent refinement needs the hyperprior entropy model")
         size = (x.shape[-2], x.shape[-1])
         y = (self.g_a(x) * self.gain(quality)).cpu()
         strings = self.entropy_bottleneck.compress(y)

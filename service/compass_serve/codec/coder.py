@@ -18,6 +18,7 @@ from PIL import Image
 from compass_serve.codec import bitstream as bs
 from compass_serve.codec.ladder import Dim, make_ladder
 from compass_serve.codec.model import Compass
+from compass_serve.codec.refine import Refinement
 from compass_serve.codec.registry import ModelInfo, load_model
 from compass_serve.imageio import fit_width, resize, to_image, to_tensor
 
@@ -98,19 +99,24 @@ class Codec:
     ) -> list[Dim]:
         return make_ladder(image.width, image.height, widths, scales)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: latent refinement takes gradients w.r.t. the latent
     def encode(
         self, image: Image.Image, *, widths: Sequence[int] | None = None,
         scales: Sequence[float] | None = None, quality: float | None = None,
+        refine_steps: int = 0,
     ) -> bytes:
-        """Encode an RGB image into a multi-layer `.cmp` stream (layers from `make_ladder`)."""
+        """Encode an RGB image into a multi-layer `.cmp` stream (layers from `make_ladder`).
+
+        `refine_steps` > 0 spends encode time optimising each layer's latent for its own
+        rate-distortion cost (see `codec.refine`); any decoder reads the result."""
         q = self.check_quality(quality)
         sizes = self.ladder(image, widths, scales)
         layers = [
             to_tensor(image if (w, h) == image.size else resize(image, w, h)).to(self.device)
             for w, h in sizes
         ]
-        strings = self.model.compress(layers, q)
+        refine = Refinement(steps=refine_steps) if refine_steps else None
+        strings = self.model.compress(layers, q, refine)
         return bs.pack(
             self.name, self.weights_id, q, image.width, image.height,
             [(w, h, bs.pack_strings(s)) for (w, h), s in zip(sizes, strings, strict=True)],

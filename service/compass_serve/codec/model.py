@@ -9,6 +9,7 @@ residuals); callers clamp for display and PSNR only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from compass_serve.codec.backbone import Backbone, BackboneConfig, build_backbone
 from compass_serve.codec.layers import Size
 from compass_serve.codec.liff import Liff, LiffConfig
+from compass_serve.codec.refine import Refinement
 
 # Rate-distortion trade-offs of the trained quality levels (CompressAI's qualities 1-4, which the
 # paper uses); quality q in [1, len] interpolates between them.
@@ -102,14 +104,27 @@ class Compass(nn.Module):
         return outs
 
     # -- real coding --------------------------------------------------------------------------
+    def lambda_at(self, quality: float) -> float:
+        """The rate-distortion trade-off of quality q in [1, Q]: geometric between trained levels,
+        as the gain vectors are."""
+        lams = self.cfg.lambdas
+        q = min(max(float(quality), 1.0), float(len(lams))) - 1.0
+        lo = min(math.floor(q), len(lams) - 1)
+        hi = min(lo + 1, len(lams) - 1)
+        return lams[lo] ** (1 - (q - lo)) * lams[hi] ** (q - lo)
+
     @torch.no_grad()
-    def compress(self, images: list[torch.Tensor], quality: float) -> list[list[bytes]]:
-        """Entropy-code a layer chain; each layer is predicted from the DECODED layer below."""
-        coded = self.base.codec.compress(images[0], quality)
+    def compress(
+        self, images: list[torch.Tensor], quality: float, refine: Refinement | None = None
+    ) -> list[list[bytes]]:
+        """Entropy-code a layer chain; each layer is predicted from the DECODED layer below.
+        `refine` optimises each layer's latent for that layer's own R + lambda * D, in order."""
+        lam = self.lambda_at(quality)
+        coded = self.base.codec.compress(images[0], quality, lam, refine)
         strings, x_prev = [coded.strings], coded.x_hat
         for image in images[1:]:
             pred = self.enhancement.predict(x_prev, (image.shape[-2], image.shape[-1]))
-            coded = self.enhancement.residual.compress(image - pred, quality)
+            coded = self.enhancement.residual.compress(image - pred, quality, lam, refine)
             strings.append(coded.strings)
             x_prev = pred + coded.x_hat
         return strings

@@ -51,9 +51,11 @@ def ladder_for(img: Image.Image, widths: list[int]) -> Ladder:
     return Ladder(sizes, [img if s == img.size else resize(img, *s) for s in sizes])
 
 
-def code_compass(codec: Codec, img: Image.Image, lad: Ladder, q: float) -> list[tuple[float, float]]:
+def code_compass(
+    codec: Codec, img: Image.Image, lad: Ladder, q: float, refine_steps: int = 0
+) -> list[tuple[float, float]]:
     """[(cumulative bpp, PSNR)] per layer of one COMPASS stream."""
-    data = codec.encode(img, widths=[w for w, _ in lad.sizes], quality=q)
+    data = codec.encode(img, widths=[w for w, _ in lad.sizes], quality=q, refine_steps=refine_steps)
     stream = bs.Bitstream.parse(data)
     recons = codec.decode_layers(stream)
     out = []
@@ -63,9 +65,9 @@ def code_compass(codec: Codec, img: Image.Image, lad: Ladder, q: float) -> list[
     return out
 
 
-def code_single(codec: Codec, ref: Image.Image, q: float) -> tuple[int, float]:
+def code_single(codec: Codec, ref: Image.Image, q: float, refine_steps: int = 0) -> tuple[int, float]:
     """The backbone alone on one image (a one-layer stream): (bytes, PSNR)."""
-    data = codec.encode(ref, widths=[ref.width], quality=q)
+    data = codec.encode(ref, widths=[ref.width], quality=q, refine_steps=refine_steps)
     return len(data), psnr(codec.decode(data).image, ref)
 
 
@@ -75,8 +77,11 @@ def mean_curve(rows: list[list[tuple[float, float]]]) -> list[dict[str, float]]:
 
 
 class Evaluation:
-    def __init__(self, codec: Codec, images: list[Path], out: Path, qualities: list[float]) -> None:
+    def __init__(self, codec: Codec, images: list[Path], out: Path, qualities: list[float],
+                 refine_steps: int = 0) -> None:
         self.codec = codec
+        # Encoder effort for every COMPASS and backbone coding alike, so comparisons stay fair.
+        self.refine_steps = refine_steps
         self.paths = images
         self.out = out
         self.qualities = qualities
@@ -87,7 +92,7 @@ class Evaluation:
         """Backbone coding of the whole image i (bytes, PSNR); the ladder and every scale table
         need the same figure, so it is coded once."""
         if (i, q) not in self._single:
-            self._single[i, q] = code_single(self.codec, self.images[i], q)
+            self._single[i, q] = code_single(self.codec, self.images[i], q, self.refine_steps)
         return self._single[i, q]
 
     def widths(self, img: Image.Image, scales: tuple[float, ...]) -> list[int]:
@@ -100,12 +105,13 @@ class Evaluation:
             comp, single, simul = [], [], []
             for i, img in enumerate(tqdm(self.images, desc=f"ladder q={q:g}", leave=False)):
                 lad = ladder_for(img, self.widths(img, LADDER))
-                comp.append(code_compass(self.codec, img, lad, q))
+                comp.append(code_compass(self.codec, img, lad, q, self.refine_steps))
                 n, p = self.single(i, q)
                 single.append([(n * 8 / (img.width * img.height), p)])
                 acc, layers = 0, []
                 for (w, h), ref in zip(lad.sizes, lad.refs, strict=True):
-                    n, p = self.single(i, q) if (w, h) == img.size else code_single(self.codec, ref, q)
+                    n, p = (self.single(i, q) if (w, h) == img.size
+                            else code_single(self.codec, ref, q, self.refine_steps))
                     acc += n
                     layers.append((acc * 8 / (w * h), p))
                 simul.append(layers)
@@ -149,7 +155,7 @@ class Evaluation:
                     rows = []
                     for img in self.images:
                         lad = ladder_for(img, self.widths(img, LADDER))
-                        layers = code_compass(self.codec, img, lad, q)
+                        layers = code_compass(self.codec, img, lad, q, self.refine_steps)
                         w, h = lad.sizes[-1]
                         w0, h0 = lad.sizes[0]
                         base_bits = layers[0][0] * w0 * h0
@@ -175,8 +181,9 @@ class Evaluation:
                 c_rows, s_rows = [], []
                 for i, img in enumerate(self.images):
                     lad = ladder_for(img, self.widths(img, scales_of(f)))
-                    c_rows.append(code_compass(self.codec, img, lad, q)[-1:])
-                    acc = sum(code_single(self.codec, ref, q)[0] for ref in lad.refs[:-1])
+                    c_rows.append(code_compass(self.codec, img, lad, q, self.refine_steps)[-1:])
+                    acc = sum(code_single(self.codec, ref, q, self.refine_steps)[0]
+                              for ref in lad.refs[:-1])
                     n, p = self.single(i, q)
                     s_rows.append([((acc + n) * 8 / (img.width * img.height), p)])
                 comp.append(mean_curve(c_rows)[0])
@@ -189,23 +196,29 @@ class Evaluation:
         return res
 
     # -- 7: timing and memory -----------------------------------------------------------------------
-    def timing(self, n_images: int = 4) -> dict:
+    def timing(self, n_images: int = 4, repeats: int = 3) -> dict:
+        """Per image, the median of `repeats` decodes of each layer prefix (a shared VM's
+        momentary CPU steal then moves one run, not the figure), averaged over the images."""
         enc, dec = [], []
         for img in self.images[:n_images]:
             widths = self.widths(img, LADDER)
             t = time.perf_counter()
-            data = self.codec.encode(img, widths=widths)
+            data = self.codec.encode(img, widths=widths, refine_steps=self.refine_steps)
             enc.append(time.perf_counter() - t)
             table = bs.parse_header(data).table
             cum = []
             for k in range(len(table)):
-                t = time.perf_counter()
-                self.codec.decode(data[: table.prefix_length(k)])
-                cum.append(time.perf_counter() - t)
+                runs = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    self.codec.decode(data[: table.prefix_length(k)])
+                    runs.append(time.perf_counter() - t)
+                cum.append(float(np.median(runs)))
             dec.append(cum)
         cum = np.asarray(dec).mean(0)
         return {
             "images": min(n_images, len(self.images)),
+            "decode_repeats": repeats,
             "encode_s_all_layers": float(np.mean(enc)),
             "decode_s_up_to_layer": [float(c) for c in cum],
             "decode_s_per_layer": [float(c) for c in np.diff(np.concatenate([[0.0], cum]))],
@@ -240,15 +253,16 @@ def machine() -> str:
 def evaluate(
     codec: Codec, data: Path, out: Path, *, qualities: list[float] | None = None,
     limit: int | None = None, with_anchors: bool = True, with_ablation: bool = True,
-    with_tables: bool = False,
+    with_tables: bool = False, refine_steps: int = 0,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     paths = list_images(data)[: limit or None]
     qs = qualities or [float(q) for q in range(1, codec.qualities + 1)]
-    ev = Evaluation(codec, paths, out, qs)
+    ev = Evaluation(codec, paths, out, qs, refine_steps)
     t0 = time.time()
     res: dict = {"model": codec.name, "weights_id": codec.weights_id.hex(), "data": str(data),
                  "images": len(paths), "ladder_scales": list(LADDER), "qualities": qs,
+                 "refine_steps": refine_steps,
                  "machine": machine(), "bd_interpolation": "cubic polynomial of log-rate in PSNR "
                  "(Bjontegaard VCEG-M33), over the common PSNR interval"}
     res.update(ev.ladder())
@@ -280,7 +294,9 @@ def _f(x: float, nd: int = 2) -> str:
 
 def markdown(res: dict) -> str:
     lines = [f"Model `{res['model']}` (weights {res['weights_id']}), {res['images']} images "
-             f"from `{res['data']}`, ladder {res['ladder_scales']}; {res['machine']}.", "",
+             f"from `{res['data']}`, ladder {res['ladder_scales']}; {res['machine']}"
+             + (f"; encoder refinement {res['refine_steps']} steps per layer (COMPASS and backbone)"
+                if res.get("refine_steps") else "") + ".", "",
              "| quality | " + " | ".join(f"layer {k} bpp (cum.) / PSNR" for k in
                                          range(len(res["ladder_scales"])))
              + " | single-layer bpp / PSNR | simulcast top bpp / PSNR |",
@@ -303,7 +319,8 @@ def markdown(res: dict) -> str:
                          f"{_f(v['bd_vs_single_layer'], 1)} % |")
     t = res["timing"]
     lines += ["", f"Timing ({t['images']} images, {t['torch_threads']} threads): encode all "
-              f"layers {t['encode_s_all_layers']:.2f} s; decode up to layer k: "
+              f"layers {t['encode_s_all_layers']:.2f} s; decode up to layer k (median of "
+              f"{t.get('decode_repeats', 1)} per image): "
               + ", ".join(f"{x:.2f} s" for x in t["decode_s_up_to_layer"])
               + f"; peak RSS {t['peak_rss_mib']:.0f} MiB."]
     return "\n".join(lines) + "\n"

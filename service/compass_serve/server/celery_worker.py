@@ -64,6 +64,7 @@ class WorkerRuntime:
                                   max_side=settings.max_side, formats=settings.formats)
         self.encoder = Encoder(self.db, self.store, lambda: self.codec, self.limits, device=self.device,
                                reference_quality=settings.output_quality,
+                               refine_steps=settings.encode_refine_steps,
                                reference_formats=reference_formats())
         log.info("worker process ready: model %s on %s", settings.model, device_label(self.device))
 

@@ -80,7 +80,7 @@ class Encoder:
     def __init__(self, db: Database, store: BlobStore, codec: Callable[[], Codec | None],
                  limits: InputLimits, *, device: str = "cpu", metrics: Metrics | None = None,
                  codec_error: Callable[[], str | None] = lambda: None, reference_quality: int = 85,
-                 reference_formats: Sequence[str] = ()) -> None:
+                 reference_formats: Sequence[str] = (), refine_steps: int = 0) -> None:
         self.db = db
         self.store = store
         self._codec = codec
@@ -90,6 +90,7 @@ class Encoder:
         self.metrics = metrics
         self.reference_quality = reference_quality
         self.reference_formats = tuple(reference_formats)
+        self.refine_steps = refine_steps
 
     def run(self, image_id: str, image: Image.Image | None = None, *, retry_transient: bool = False) -> str:
         """Encode one image; returns ready / failed / skipped.
@@ -130,7 +131,8 @@ class Encoder:
         if image is None:
             image = load_rgb(self.store.get(source_key(image_id)), self.limits)
         t0 = time.perf_counter()
-        data = codec.encode(image, widths=row.widths, scales=row.scales, quality=row.quality)
+        data = codec.encode(image, widths=row.widths, scales=row.scales, quality=row.quality,
+                            refine_steps=self.refine_steps)
         seconds = time.perf_counter() - t0
         header = bs.parse_header(data)
         meta = header_json(header)

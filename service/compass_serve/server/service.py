@@ -136,6 +136,7 @@ class ImageService:
         self.encoder = Encoder(self.db, self.store, lambda: self.codec, self.limits, metrics=self.metrics,
                                codec_error=lambda: self.codec_error,
                                reference_quality=settings.output_quality,
+                               refine_steps=settings.encode_refine_steps,
                                reference_formats=[f for f in reference_formats() if f in self.output_formats])
         self._ready: OrderedDict[str, ImageRecord] = OrderedDict()  # hot metadata of ready images
         self._flights: dict[tuple[str, int, str], asyncio.Future[bytes]] = {}
