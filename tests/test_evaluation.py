@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from compass_serve.codec.coder import Codec
-from compass_serve.evaluation import run
+from compass_serve.evaluation import anchors, run
 from compass_serve.evaluation.bd import bd_rate
 from tests.conftest import photo
 
@@ -60,6 +60,16 @@ def test_evaluate_writes_every_table(tiny_codec: Codec, tmp_path: Path,
     assert np.isfinite(res["ablation"]["liff"][0]["psnr"])
 
 
+def test_anchor_effort_max_uses_the_slow_settings() -> None:
+    img = photo(96, 64, seed=2)
+    assert "webp" in anchors.available()  # the README's anchors need it
+    for codec in anchors.available():
+        assert anchors.code(img, codec, 50, "max")[1].size == img.size
+    assert anchors.code(img, "webp", 50, "max")[0] != anchors.code(img, "webp", 50)[0]
+    with pytest.raises(ValueError, match="effort"):
+        anchors.code(img, "jpeg", 50, "fast")
+
+
 def test_encoder_refinement_reaches_every_coding(tiny_codec: Codec, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "kodak"
@@ -73,11 +83,11 @@ def test_encoder_refinement_reaches_every_coding(tiny_codec: Codec, tmp_path: Pa
         return real(self, image, **kw)
 
     monkeypatch.setattr(Codec, "encode", spy)
-    res = run.evaluate(tiny_codec, data, tmp_path / "out", qualities=[2.0], with_anchors=False,
-                       with_tables=True, refine_steps=2)
+    res = run.evaluate(tiny_codec, data, tmp_path / "out", qualities=[2.0], with_tables=True,
+                       refine_steps=2)
     # COMPASS, the backbone anchors, the ablation, the tables and the timing: all refined alike.
     assert len(steps) > 20 and set(steps) == {2}
-    assert res["refine_steps"] == 2
+    assert res["refine_steps"] == 2 and res["anchor_effort"] == "max"
     assert "refinement 2 steps" in (tmp_path / "out" / "results.md").read_text()
 
 
