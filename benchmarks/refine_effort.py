@@ -1,0 +1,78 @@
+"""What encoder latent refinement buys: BD-rate and encode time against the amortised encoder.
+
+On held-out training images (never Kodak: the step count is chosen here), each cropped to
+768x512 and coded on the default ladder at qualities 1-4, in one process: the top layer's
+cumulative bytes and PSNR for each step count, BD-rate against 0 steps (the amortised encoder,
+run in the same process) and the encode-time ratio.
+
+    .venv/bin/python benchmarks/refine_effort.py [--steps 0,10,30,60] [--images 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from compass_serve.codec import bitstream as bs
+from compass_serve.codec.coder import Codec
+from compass_serve.evaluation.bd import bd_rate
+from compass_serve.evaluation.run import psnr
+from compass_serve.imageio import load_rgb, resize
+from compass_serve.training.data import list_images, split_holdout
+
+
+def crop_768x512(path: Path) -> Image.Image:
+    img = load_rgb(path)
+    if img.width < img.height:
+        img = img.transpose(Image.Transpose.ROTATE_90)  # landscape, like Kodak
+    s = max(768 / img.width, 512 / img.height)
+    img = resize(img, max(768, round(img.width * s)), max(512, round(img.height * s)))
+    x0, y0 = (img.width - 768) // 2, (img.height - 512) // 2
+    return img.crop((x0, y0, x0 + 768, y0 + 512))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="lite")
+    ap.add_argument("--data", default="../shared/data/train")
+    ap.add_argument("--steps", default="0,10,30,60")
+    ap.add_argument("--images", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    codec = Codec.load(a.model)
+    steps = [int(s) for s in a.steps.split(",")]
+    if steps[0] != 0:
+        steps = [0, *steps]
+    images = [crop_768x512(p) for p in split_holdout(list_images(a.data))[1][: a.images]]
+    qualities = [float(q) for q in range(1, codec.qualities + 1)]
+    print(f"{len(images)} held-out images at 768x512, model {a.model}, torch threads {a.threads}")
+    rows: dict[int, tuple[list[float], list[float], float]] = {}
+    for n in steps:
+        bpp, db, seconds = [], [], 0.0
+        for q in qualities:
+            b_q, p_q = [], []
+            for img in images:
+                t = time.perf_counter()
+                data = codec.encode(img, quality=q, refine_steps=n)
+                seconds += time.perf_counter() - t
+                b_q.append(len(data) * 8 / (768 * 512))
+                p_q.append(psnr(codec.decode(data, layer=len(bs.parse_header(data).table) - 1).image, img))
+            bpp.append(float(np.mean(b_q)))
+            db.append(float(np.mean(p_q)))
+        rows[n] = (bpp, db, seconds / (len(qualities) * len(images)))
+        base_bpp, base_db, base_s = rows[0]
+        bd = bd_rate(base_bpp, base_db, bpp, db)
+        print(f"steps {n:3d}: bpp q1..q4 " + " ".join(f"{b:.3f}" for b in bpp)
+              + "  PSNR " + " ".join(f"{p:.2f}" for p in db)
+              + f"  BD-rate vs 0 steps {bd:+.1f} %  encode {rows[n][2]:.1f} s "
+              f"({rows[n][2] / base_s:.1f}x)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
