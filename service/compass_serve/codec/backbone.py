@@ -34,6 +34,14 @@ def scale_table() -> list[float]:
     ).tolist()
 
 
+def quality_levels(quality: float, levels: int) -> tuple[int, int, float]:
+    """Quality q in [1, levels] as (lower level, upper level, weight of the upper), 0-based:
+    fractional qualities interpolate log-gains (and lambdas) between trained levels."""
+    q = min(max(float(quality), 1.0), float(levels)) - 1.0
+    lo = min(math.floor(q), levels - 1)
+    return lo, min(lo + 1, levels - 1), q - lo
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     n: int = 64                      # transform channels
@@ -70,10 +78,7 @@ class Backbone(nn.Module):
         """Gains [B, M, 1, 1]: an int tensor picks trained levels (0-based), a float is q (1..Q)."""
         if isinstance(quality, torch.Tensor):
             return table[quality].exp()[:, :, None, None]
-        q = min(max(float(quality), 1.0), float(self.cfg.qualities)) - 1.0
-        lo = min(math.floor(q), self.cfg.qualities - 1)
-        hi = min(lo + 1, self.cfg.qualities - 1)
-        t = q - lo
+        lo, hi, t = quality_levels(quality, self.cfg.qualities)
         return ((1 - t) * table[lo] + t * table[hi]).exp()[None, :, None, None]
 
     def gain(self, quality: torch.Tensor | float) -> torch.Tensor:

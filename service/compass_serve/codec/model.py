@@ -9,14 +9,13 @@ residuals); callers clamp for display and PSNR only.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compass_serve.codec.backbone import Backbone, BackboneConfig, build_backbone
+from compass_serve.codec.backbone import Backbone, BackboneConfig, build_backbone, quality_levels
 from compass_serve.codec.layers import Size
 from compass_serve.codec.liff import Liff, LiffConfig
 from compass_serve.codec.refine import Refinement
@@ -107,11 +106,8 @@ class Compass(nn.Module):
     def lambda_at(self, quality: float) -> float:
         """The rate-distortion trade-off of quality q in [1, Q]: geometric between trained levels,
         as the gain vectors are."""
-        lams = self.cfg.lambdas
-        q = min(max(float(quality), 1.0), float(len(lams))) - 1.0
-        lo = min(math.floor(q), len(lams) - 1)
-        hi = min(lo + 1, len(lams) - 1)
-        return lams[lo] ** (1 - (q - lo)) * lams[hi] ** (q - lo)
+        lo, hi, t = quality_levels(quality, len(self.cfg.lambdas))
+        return self.cfg.lambdas[lo] ** (1 - t) * self.cfg.lambdas[hi] ** t
 
     @torch.no_grad()
     def compress(
