@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from compass_serve.codec import bitstream as bs
 from compass_serve.codec.coder import Codec
 from compass_serve.evaluation.bd import bd_rate
 from compass_serve.evaluation.run import psnr
@@ -62,7 +61,7 @@ def main() -> None:
                 data = codec.encode(img, quality=q, refine_steps=n)
                 seconds += time.perf_counter() - t
                 b_q.append(len(data) * 8 / (768 * 512))
-                p_q.append(psnr(codec.decode(data, layer=len(bs.parse_header(data).table) - 1).image, img))
+                p_q.append(psnr(codec.decode(data).image, img))  # default: the top layer
             bpp.append(float(np.mean(b_q)))
             db.append(float(np.mean(p_q)))
         rows[n] = (bpp, db, seconds / (len(qualities) * len(images)))
