@@ -15,7 +15,7 @@ from compass_serve.codec.coder import Codec
 from compass_serve.imageio import InputLimits
 from compass_serve.server.db import FAILED, PENDING, READY, Database, ImageRecord, utcnow
 from compass_serve.server.encoder import FAILED_OUTCOME, READY_OUTCOME, SKIPPED, Encoder, TransientError
-from compass_serve.server.service import image_id_for, source_key, stream_key
+from compass_serve.server.service import ImageService, UploadOptions, image_id_for, source_key, stream_key
 from compass_serve.server.settings import Settings
 from compass_serve.server.storage import LocalBlobStore
 from compass_serve.server.transient import is_transient
@@ -74,6 +74,21 @@ def test_the_refinement_setting_reaches_the_encoder(tmp_path: Path, tiny_codec: 
     assert tiny_codec.decode(store.get(stream_key(iid))).image.size == (40, 30)
     with pytest.raises(ValueError):
         Settings(encode_refine_steps=-1)
+
+
+def test_the_refinement_setting_is_part_of_the_upload_id(tmp_path: Path, tiny_codec: Codec) -> None:
+    """Re-uploading after the effort changes must encode anew, not return the old stream."""
+    data = png_bytes(photo(40, 30, seed=0))
+    ids = []
+    for steps in (0, 5):
+        svc = ImageService(Settings(data_dir=tmp_path / str(steps), encode_refine_steps=steps))
+        svc.codec = tiny_codec
+        iid, quality = svc.upload_id(data, UploadOptions())
+        ids.append(iid)
+    assert ids[0] != ids[1]
+    # the default effort mints the same ids as before the setting existed
+    assert ids[0] == image_id_for(hashlib.sha256(data).hexdigest(), tiny_codec.name,
+                                  tiny_codec.weights_id.hex(), quality, None, None)
 
 
 def test_a_late_failing_duplicate_does_not_undo_a_success(parts: tuple, tiny_codec: Codec) -> None:

@@ -124,7 +124,10 @@ def test_ids_are_deterministic() -> None:
     assert len({a, image_id_for("00" * 32, "lite", "ab" * 8, 2.0, [1, 2], None),
                 image_id_for("00" * 32, "lite", "cd" * 8, 3.0, [1, 2], None),
                 image_id_for("00" * 32, "lite", "ab" * 8, 3.0, None, [0.5, 1.0]),
-                image_id_for("11" * 32, "lite", "ab" * 8, 3.0, [1, 2], None)}) == 5
+                image_id_for("11" * 32, "lite", "ab" * 8, 3.0, [1, 2], None),
+                image_id_for("00" * 32, "lite", "ab" * 8, 3.0, [1, 2], None, 30)}) == 6
+    # the default effort leaves ids minted before the setting existed unchanged
+    assert a == image_id_for("00" * 32, "lite", "ab" * 8, 3.0, [1, 2], None, 0)
 
 
 def test_layer_choice() -> None:

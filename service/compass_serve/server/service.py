@@ -85,13 +85,17 @@ class Prepared:
 
 
 def image_id_for(data_sha256: str, model: str, weights_hex: str, quality: float,
-                 widths: Sequence[int] | None, scales: Sequence[float] | None) -> str:
-    """Deterministic id: the same bytes with the same options and weights give the same id."""
-    recipe = {
+                 widths: Sequence[int] | None, scales: Sequence[float] | None,
+                 refine_steps: int = 0) -> str:
+    """Deterministic id: the same bytes with the same options, weights and encoder effort give
+    the same id, so re-uploading after the server's refinement setting changes encodes anew."""
+    recipe: dict[str, Any] = {
         "v": ID_VERSION, "bytes": data_sha256, "model": model, "weights": weights_hex,
         "quality": quality, "widths": list(widths) if widths is not None else None,
         "scales": [float(s) for s in scales] if scales is not None else None,
     }
+    if refine_steps:  # only when set, so ids minted before the setting existed stay valid
+        recipe["refine"] = refine_steps
     canon = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()[:32]
 
@@ -268,7 +272,7 @@ class ImageService:
         except QualityError as exc:
             raise Problem(422, str(exc), code="invalid_options") from None
         image_id = image_id_for(hashlib.sha256(data).hexdigest(), codec.name, codec.weights_id.hex(),
-                                quality, opts.widths, opts.scales)
+                                quality, opts.widths, opts.scales, self.settings.encode_refine_steps)
         return image_id, quality
 
     def prepare(self, data: bytes, opts: UploadOptions, image_id: str, quality: float) -> Prepared:
