@@ -34,6 +34,8 @@ from compass_serve.training.data import CropSampler, list_images, load_all, resi
 
 log = logging.getLogger(__name__)
 STAGES = ("backbone", "liff", "residual", "joint")
+# Parts a model may add to trained weights that lack them (zero-initialised to "no effect").
+NEW_MODULES = (".context.",)
 
 
 @dataclass
@@ -56,7 +58,12 @@ class TrainArgs:
     # when a resume raises the rate above the saved one (a new decay cycle).
     warmup_steps: int = 200
     resume: bool = True
-    init_from: str | None = None  # model-store name to start from when the run dir is empty
+    # Where to start when the run dir is empty: a model-store name, or a run's .safetensors
+    # checkpoint (its progress.json beside it carries the training record).
+    init_from: str | None = None
+    # Learning-rate multiplier for a part the starting weights lack (a new context model): it
+    # starts from "no effect" and has to catch up with weights trained for hours.
+    new_lr_scale: float = 4.0
 
 
 def pick_device(name: str) -> torch.device:
@@ -95,14 +102,16 @@ class Trainer:
         self.model = Compass(self.cfg).to(self.device)
         self.lambdas = torch.tensor(self.cfg.lambdas, device=self.device)
         self.progress: dict[str, dict[str, float]] = {}
+        self.source_run: Path | None = None  # the run an --init-from checkpoint came from
         self._load()
         train_paths, held = split_holdout(list_images(args.data))
         self.sampler = CropSampler(load_all(train_paths, "train images"), args.seed + self.steps)
         self.val_images = [
             self._center(x) for x in load_all(held, "held-out images")
         ]
-        self.params = self._stage_parameters()
-        self.opt = torch.optim.Adam(self.params, lr=args.lr)
+        groups = self._stage_parameters()
+        self.params = [p for g in groups for p in g["params"]]
+        self.opt = torch.optim.Adam(groups, lr=args.lr)
         eb = [p for n, p in self.model.named_parameters() if n.endswith("quantiles")]
         self.aux_opt = torch.optim.Adam(eb, lr=1e-3)
         opt_path = self.out / f"optimizer-{args.stage}.pt"
@@ -114,6 +123,24 @@ class Trainer:
             self.opt.load_state_dict(st["opt"])
             self.aux_opt.load_state_dict(st["aux"])
             self.start_lr = float(self.opt.param_groups[0]["lr"])
+        elif self.source_run is not None and (self.source_run / opt_path.name).exists():
+            self._carry_moments(self.source_run / opt_path.name)
+
+    def _carry_moments(self, path: Path) -> None:
+        """Start the trained parameters from the source run's Adam moments and rate (new parts
+        start fresh), so extending a run does not restart its optimizer from zero."""
+        st = torch.load(path, map_location=self.device, weights_only=True)
+        old, new = st["opt"], self.opt.state_dict()
+        n_old = sum(len(g["params"]) for g in old["param_groups"])
+        if len(old["param_groups"]) != 1 or n_old != len(new["param_groups"][0]["params"]):
+            log.warning("%s does not match this stage's parameters; Adam starts anew", path)
+            return
+        new["state"] = dict(old["state"])  # indices 0..n_old-1: the shared parameters, in order
+        new["param_groups"][0]["lr"] = old["param_groups"][0]["lr"]
+        self.opt.load_state_dict(new)
+        self.aux_opt.load_state_dict(st["aux"])
+        self.start_lr = float(old["param_groups"][0]["lr"])
+        log.info("carried Adam moments of %d parameters from %s", n_old, path)
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -131,15 +158,25 @@ class Trainer:
             self.progress = json.loads((self.out / "progress.json").read_text())
             log.info("resumed from %s: %s", weights, self.progress)
         elif self.args.init_from:
-            # A fresh machine has no run directory: continue from shipped weights and the
-            # training record in their manifest (the optimizer state starts anew).
-            model, info = load_model(self.args.init_from)
-            load_state(self.model, {k: v.to(self.device) for k, v in model.state_dict().items()})
-            stages = info.manifest.get("training", {}).get("stages", {})
-            self.progress = {k: {"steps": v["steps"], "seconds": v["hours"] * 3600}
-                             for k, v in stages.items()}
+            # Continue from shipped weights (a fresh machine has no run directory) or from another
+            # run's checkpoint (a model extended with a new part), with their training record; the
+            # optimizer starts anew, and parts the source lacks keep their initialisation.
+            src = Path(self.args.init_from)
+            if src.suffix == ".safetensors":
+                self.source_run = src.parent
+                state = load_file(str(src), device=str(self.device))
+                record = json.loads((src.parent / "progress.json").read_text())
+                self.progress = {k: {"steps": v["steps"], "seconds": v["seconds"]}
+                                 for k, v in record.items() if k in STAGES}
+            else:
+                model, info = load_model(self.args.init_from)
+                state = {k: v.to(self.device) for k, v in model.state_dict().items()}
+                stages = info.manifest.get("training", {}).get("stages", {})
+                self.progress = {k: {"steps": v["steps"], "seconds": v["hours"] * 3600}
+                                 for k, v in stages.items()}
+            load_state(self.model, state, new_modules=NEW_MODULES)
             self.progress["residual_init"] = True
-            log.info("initialised from model %s: %s", info.name, self.progress)
+            log.info("initialised from %s: %s", self.args.init_from, self.progress)
         if self.args.stage == "liff" and "liff" not in self.progress:
             # LIFF is untrained before its own stage: start it from its designed initialisation.
             fresh = Liff(self.cfg.liff).to(self.device)
@@ -161,7 +198,8 @@ class Trainer:
         torch.save({"opt": self.opt.state_dict(), "aux": self.aux_opt.state_dict()},
                    self.out / f"optimizer-{self.args.stage}.pt")
 
-    def _stage_parameters(self) -> list[torch.nn.Parameter]:
+    def _stage_parameters(self) -> list[dict]:
+        """Adam parameter groups of the stage: the trained parts, then any new parts (faster)."""
         m = self.model
         train = {
             "backbone": [m.base],
@@ -171,13 +209,17 @@ class Trainer:
         }[self.args.stage]
         for p in m.parameters():
             p.requires_grad_(False)
-        params = []
+        params: list[torch.nn.Parameter] = []
+        new: list[torch.nn.Parameter] = []
         for mod in train:
-            for n, p in mod.named_parameters():
+            for n, p in mod.named_parameters(prefix="m"):
                 p.requires_grad_(True)
                 if not n.endswith("quantiles"):
-                    params.append(p)
-        return params
+                    (new if any(f in n for f in NEW_MODULES) else params).append(p)
+        groups = [{"params": params, "lr_scale": 1.0}]
+        if new:
+            groups.append({"params": new, "lr_scale": self.args.new_lr_scale})
+        return groups
 
     def _center(self, x: torch.Tensor, side: int = 256) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -313,7 +355,7 @@ class Trainer:
                 lr = self.lr_at(st["seconds"] / budget, session_steps)
                 session_steps += 1
                 for g in self.opt.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
                 stats = self.step()
                 now = time.monotonic()
                 st["seconds"] += now - t_prev
