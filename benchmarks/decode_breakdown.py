@@ -38,10 +38,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 pred = model.enhancement.predict(x, size)
                 t1 = time.perf_counter()
-                z_hat = rc.entropy_bottleneck.decompress([s[0]], rc.hyper_sizes(size)[-1])
-                scales, means = rc._entropy_params(z_hat, size, exact=True)
-                y_hat = rc.gaussian_conditional.decompress(
-                    [s[1]], rc.gaussian_conditional.build_indexes(scales), means=means)
+                y_hat = rc.decode_latent(s, size)  # hyper-synthesis, context and range decoding
                 t2 = time.perf_counter()
                 x = pred + rc.synthesize(y_hat * rc.inv_gain(q), size)
                 t3 = time.perf_counter()

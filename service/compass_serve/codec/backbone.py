@@ -250,7 +250,8 @@ class HyperpriorBackbone(Backbone):
         return refined if cost[1] < cost[0] else coded
 
     @torch.no_grad()
-    def decompress(self, strings: list[bytes], size: Size, quality: float) -> torch.Tensor:
+    def decode_latent(self, strings: list[bytes], size: Size) -> torch.Tensor:
+        """The entropy-decoding half of `decompress`: a layer's strings to its (gained) y_hat."""
         if len(strings) != self.n_strings:
             raise ValueError(f"hyperprior layer needs {self.n_strings} entropy-coded strings, "
                              f"got {len(strings)}")
@@ -259,8 +260,7 @@ class HyperpriorBackbone(Backbone):
         scales, means = self._entropy_params(z_hat, size, exact=True)
         gc = self.gaussian_conditional
         if self.context is None:
-            y_hat = gc.decompress([strings[1]], gc.build_indexes(scales), means=means)
-            return self.synthesize(y_hat * self.inv_gain(quality), size)
+            return gc.decompress([strings[1]], gc.build_indexes(scales), means=means)
         mask = anchor_mask(*scales.shape[-2:], device=scales.device)
         anchors = torch.zeros_like(means)
         anchors[..., mask] = gc.decompress([strings[1]], gc.build_indexes(scales[..., mask]),
@@ -270,7 +270,11 @@ class HyperpriorBackbone(Backbone):
         y_hat = anchors.clone()
         y_hat[..., rest] = gc.decompress([strings[2]], gc.build_indexes(sc2[..., rest]),
                                          means=mu2[..., rest])
-        return self.synthesize(y_hat * self.inv_gain(quality), size)
+        return y_hat
+
+    @torch.no_grad()
+    def decompress(self, strings: list[bytes], size: Size, quality: float) -> torch.Tensor:
+        return self.synthesize(self.decode_latent(strings, size) * self.inv_gain(quality), size)
 
 
 class FactorizedBackbone(Backbone):
