@@ -190,10 +190,10 @@ class HyperpriorBackbone(Backbone):
         return scales, means
 
     def _context_params(self, scales: torch.Tensor, means: torch.Tensor,
-                        anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact (coding-time) entropy parameters of the second checkerboard half."""
         assert self.context is not None
-        params = self.context(torch.cat([scales, means], 1), anchors, exact=True)
+        params = self.context(torch.cat([scales, means], 1), offsets, exact=True)
         return params.chunk(2, 1)
 
     def forward(self, x: torch.Tensor, quality: torch.Tensor) -> dict[str, object]:
@@ -204,8 +204,9 @@ class HyperpriorBackbone(Backbone):
         scales, means = self._entropy_params(z_hat, size, exact=False)
         if self.context is not None:
             mask = anchor_mask(*y.shape[-2:], device=y.device)
-            anchors = (_ste_round(y, means) if self.training else torch.round(y - means) + means) * mask
-            scales, means = self.context(torch.cat([scales, means], 1), anchors).chunk(2, 1)
+            y_hat = _ste_round(y, means) if self.training else torch.round(y - means) + means
+            offsets = (y_hat - means) * mask
+            scales, means = self.context(torch.cat([scales, means], 1), offsets).chunk(2, 1)
         _, y_lik = self.gaussian_conditional(y, scales, means)
         y_hat = _ste_round(y, means) if self.training else torch.round(y - means) + means
         x_hat = self.synthesize(y_hat * self.inv_gain(quality), size)
@@ -230,11 +231,11 @@ class HyperpriorBackbone(Backbone):
                 return Coded([z_strings[0], y_strings[0]], self.synthesize(y_hat * inv_gain, size))
             mask = anchor_mask(*y.shape[-2:], device=y.device)
             first = gc.compress(y[..., mask], gc.build_indexes(scales[..., mask]), means[..., mask])
-            anchors = (torch.round(y - means) + means) * mask
-            sc2, mu2 = self._context_params(scales, means, anchors)
+            offsets = torch.round(y - means) * mask  # the anchors' symbols
+            sc2, mu2 = self._context_params(scales, means, offsets)
             rest = ~mask
             second = gc.compress(y[..., rest], gc.build_indexes(sc2[..., rest]), mu2[..., rest])
-            y_hat = torch.where(mask, anchors, torch.round(y - mu2) + mu2)
+            y_hat = torch.where(mask, offsets + means, torch.round(y - mu2) + mu2)
             return Coded([z_strings[0], first[0], second[0]], self.synthesize(y_hat * inv_gain, size))
 
         coded = code(y)
@@ -262,12 +263,11 @@ class HyperpriorBackbone(Backbone):
         if self.context is None:
             return gc.decompress([strings[1]], gc.build_indexes(scales), means=means)
         mask = anchor_mask(*scales.shape[-2:], device=scales.device)
-        anchors = torch.zeros_like(means)
-        anchors[..., mask] = gc.decompress([strings[1]], gc.build_indexes(scales[..., mask]),
-                                           means=means[..., mask])
-        sc2, mu2 = self._context_params(scales, means, anchors)
+        offsets = torch.zeros_like(means)  # the anchors' symbols, as the encoder had them
+        offsets[..., mask] = gc.decompress([strings[1]], gc.build_indexes(scales[..., mask]))
+        sc2, mu2 = self._context_params(scales, means, offsets)
         rest = ~mask
-        y_hat = anchors.clone()
+        y_hat = offsets + means
         y_hat[..., rest] = gc.decompress([strings[2]], gc.build_indexes(sc2[..., rest]),
                                          means=mu2[..., rest])
         return y_hat

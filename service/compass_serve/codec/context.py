@@ -5,6 +5,10 @@ the hyperprior's entropy parameters alone; the other half is coded second, with 
 refined from the decoded anchors around it. Both halves decode in one parallel pass each (no
 serial autoregression), so decoding stays fast while the second half costs fewer bits.
 
+The context sees the anchors' quantised offsets from their means (the coded symbols, y_hat - mu,
+and their magnitudes), not y_hat itself: neighbouring offsets correlate strongly (0.6 on this
+project's base layer), while y_hat mostly repeats the hyperprior's mean field.
+
 The refinement is a residual on the hyperprior's parameters whose last layer starts at zero:
 a model extended with a context starts out exactly as the model without it, and training
 only has to learn what the neighbours add. Like the hyper-synthesis, it runs on the exact
@@ -29,22 +33,23 @@ def anchor_mask(height: int, width: int, device: torch.device | str = "cpu") -> 
 class CheckerboardContext(nn.Module):
     """Entropy parameters for the non-anchor half from the hyperprior's and the anchors'.
 
-    A per-channel 5x5 filter gathers each channel's decoded anchor neighbours; two 1x1 layers
-    mix them with the hyperprior's (scales, means) into a correction of those parameters.
+    Per-channel 5x5 filters gather each channel's decoded anchor offsets and their magnitudes;
+    two 1x1 layers mix them with the hyperprior's (scales, means) into a correction of those.
     """
 
     def __init__(self, m: int, hidden: int) -> None:
         super().__init__()
-        self.spatial = nn.Conv2d(m, m, 5, padding=2, groups=m)
-        self.mix = nn.Conv2d(3 * m, hidden, 1)
+        self.spatial = nn.Conv2d(2 * m, 2 * m, 5, padding=2, groups=2 * m)
+        self.mix = nn.Conv2d(4 * m, hidden, 1)
         self.out = nn.Conv2d(hidden, 2 * m, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, params: torch.Tensor, anchors: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    def forward(self, params: torch.Tensor, offsets: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """Entropy parameters [B, 2M, H, W] of the whole latent: the hyperprior's `params` at the
-        anchors, corrected ones elsewhere; `anchors` is y_hat with the other half zeroed."""
+        anchors, corrected ones elsewhere; `offsets` is y_hat - mu at the anchors, 0 elsewhere."""
         mask = anchor_mask(*params.shape[-2:], device=params.device)
+        anchors = torch.cat([offsets, offsets.abs()], 1)
         if not exact:
             ctx = self.spatial(anchors)
             h = torch.relu(self.mix(torch.cat([params, ctx], 1)))

@@ -139,6 +139,10 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
     Keys of `new_modules` (name fragments, e.g. ".context.") may be absent from `state`: those
     modules keep their designed initialisation (extending trained weights with a new part)."""
     own = dict(model.named_buffers())
+    params = dict(model.named_parameters())
+    # A new part whose shape changed since the source was saved starts afresh as well.
+    state = {k: v for k, v in state.items() if not (
+        any(frag in f".{k}" for frag in new_modules) and k in params and params[k].shape != v.shape)}
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
             mod_name, _, buf = key.rpartition(".")

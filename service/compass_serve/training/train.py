@@ -131,11 +131,11 @@ class Trainer:
         start fresh), so extending a run does not restart its optimizer from zero."""
         st = torch.load(path, map_location=self.device, weights_only=True)
         old, new = st["opt"], self.opt.state_dict()
-        n_old = sum(len(g["params"]) for g in old["param_groups"])
-        if len(old["param_groups"]) != 1 or n_old != len(new["param_groups"][0]["params"]):
+        n_old = len(old["param_groups"][0]["params"])  # the trained parts come first, in order
+        if n_old != len(new["param_groups"][0]["params"]):
             log.warning("%s does not match this stage's parameters; Adam starts anew", path)
             return
-        new["state"] = dict(old["state"])  # indices 0..n_old-1: the shared parameters, in order
+        new["state"] = {i: v for i, v in old["state"].items() if int(i) < n_old}
         new["param_groups"][0]["lr"] = old["param_groups"][0]["lr"]
         self.opt.load_state_dict(new)
         self.aux_opt.load_state_dict(st["aux"])
