@@ -90,3 +90,20 @@ def test_warm_up_ramps_from_zero_or_from_the_resumed_rate(data: Path, tmp_path: 
     # A resume at or below the saved rate needs no ramp.
     lower = Trainer(args(data, tmp_path, "residual", minutes=1.0, lr=0.01e-3))
     assert lower.lr_at(0.0, 0) == pytest.approx(0.01e-3)
+
+
+def test_a_run_continues_from_another_runs_checkpoint(data: Path, tmp_path: Path) -> None:
+    """--init-from CHECKPOINT: weights, training record and Adam moments carry over."""
+    Trainer(args(data, tmp_path / "a", "joint")).run()
+    source = Trainer(args(data, tmp_path / "a", "joint"))  # resumed: what run a holds now
+    t = Trainer(args(data, tmp_path / "b", "joint", minutes=0.06,
+                     init_from=str(tmp_path / "a" / "last.safetensors")))
+    assert {k: v.tolist() for k, v in t.model.state_dict().items()} == {
+        k: v.tolist() for k, v in source.model.state_dict().items()}
+    assert t.progress["joint"] == source.progress["joint"]
+    assert t.start_lr == source.start_lr > 0  # no warm-up from zero on fresh moments
+    for p, q in zip(t.params, source.params, strict=True):
+        assert torch.equal(t.opt.state[p]["exp_avg"], source.opt.state[q]["exp_avg"])
+    t.run()  # the budget counts the carried record: it trains the difference only
+    assert t.progress["joint"]["steps"] > source.progress["joint"]["steps"]
+    assert (tmp_path / "b" / "best.safetensors").exists()

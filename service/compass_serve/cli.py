@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             lr=args.lr, batch=args.batch, crop=args.crop, seed=args.seed, device=args.device,
             threads=args.threads, resume=not args.fresh, init_from=args.init_from,
             warmup_steps=args.warmup_steps, val_minutes=args.val_minutes,
-            checkpoint_minutes=args.checkpoint_minutes, new_lr_scale=args.new_lr_scale,
+            checkpoint_minutes=args.checkpoint_minutes,
         ))
     return 0
 
@@ -302,11 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out validation (and a learning-curve snapshot) every N minutes")
     t.add_argument("--checkpoint-minutes", type=float, default=5.0)
     t.add_argument("--init-from", default=None, metavar="MODEL|CHECKPOINT",
-                   help="when the run directory is empty, start from this shipped model or a "
-                        "run's .safetensors checkpoint (parts it lacks, e.g. a new context "
-                        "model, keep their 'no effect' initialisation)")
-    t.add_argument("--new-lr-scale", type=float, default=4.0,
-                   help="learning-rate multiplier for parts the starting weights lack")
+                   help="when the run directory is empty, start from this shipped model, or from "
+                        "another run's .safetensors checkpoint with its record and optimizer state")
     t.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="rate-distortion evaluation (Kodak protocol)")

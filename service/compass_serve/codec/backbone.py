@@ -21,7 +21,6 @@ from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import GDN
 from torch import nn
 
-from compass_serve.codec.context import CheckerboardContext, anchor_mask
 from compass_serve.codec.layers import Analysis, Size, Synthesis, exact_conv, halvings
 from compass_serve.codec.refine import Refinement, rd_cost, refine_latent
 
@@ -50,8 +49,6 @@ class BackboneConfig:
     in_channels: int = 3
     qualities: int = 4               # number of trained gain vectors (quality 1..qualities)
     entropy: str = "hyperprior"      # "hyperprior" (mean-scale) or "factorized"
-    context: str = "none"            # "none" or "checkerboard" (hyperprior only)
-    context_hidden: int = 128        # width of the context model's mixing layer
 
 
 @dataclass
@@ -167,14 +164,6 @@ class HyperpriorBackbone(Backbone):
         self.h_s = HyperSynthesis(n, m)
         self.entropy_bottleneck = EntropyBottleneck(n)
         self.gaussian_conditional = GaussianConditional(None)
-        if cfg.context not in ("none", "checkerboard"):
-            raise ValueError(f"unknown context model {cfg.context!r}")
-        self.context = CheckerboardContext(m, cfg.context_hidden) if cfg.context != "none" else None
-
-    @property
-    def n_strings(self) -> int:
-        """Entropy-coded strings per layer: z, then y (one per checkerboard half)."""
-        return 2 if self.context is None else 3
 
     @staticmethod
     def hyper_sizes(size: Size) -> list[Size]:
@@ -189,24 +178,12 @@ class HyperpriorBackbone(Backbone):
         scales, means = params.chunk(2, 1)
         return scales, means
 
-    def _context_params(self, scales: torch.Tensor, means: torch.Tensor,
-                        offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact (coding-time) entropy parameters of the second checkerboard half."""
-        assert self.context is not None
-        params = self.context(torch.cat([scales, means], 1), offsets, exact=True)
-        return params.chunk(2, 1)
-
     def forward(self, x: torch.Tensor, quality: torch.Tensor) -> dict[str, object]:
         size = (x.shape[-2], x.shape[-1])
         y = self.g_a(x) * self.gain(quality)
         z = self.h_a(y)
         z_hat, z_lik = self.entropy_bottleneck(z)
         scales, means = self._entropy_params(z_hat, size, exact=False)
-        if self.context is not None:
-            mask = anchor_mask(*y.shape[-2:], device=y.device)
-            y_hat = _ste_round(y, means) if self.training else torch.round(y - means) + means
-            offsets = (y_hat - means) * mask
-            scales, means = self.context(torch.cat([scales, means], 1), offsets).chunk(2, 1)
         _, y_lik = self.gaussian_conditional(y, scales, means)
         y_hat = _ste_round(y, means) if self.training else torch.round(y - means) + means
         x_hat = self.synthesize(y_hat * self.inv_gain(quality), size)
@@ -221,30 +198,19 @@ class HyperpriorBackbone(Backbone):
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
         scales, means = self._entropy_params(z_hat, size, exact=True)
+        indexes = self.gaussian_conditional.build_indexes(scales)
         inv_gain = self.inv_gain(quality)
-        gc = self.gaussian_conditional
 
         def code(y: torch.Tensor) -> Coded:
-            if self.context is None:
-                y_strings = gc.compress(y, gc.build_indexes(scales), means)
-                y_hat = torch.round(y - means) + means
-                return Coded([z_strings[0], y_strings[0]], self.synthesize(y_hat * inv_gain, size))
-            mask = anchor_mask(*y.shape[-2:], device=y.device)
-            first = gc.compress(y[..., mask], gc.build_indexes(scales[..., mask]), means[..., mask])
-            offsets = torch.round(y - means) * mask  # the anchors' symbols
-            sc2, mu2 = self._context_params(scales, means, offsets)
-            rest = ~mask
-            second = gc.compress(y[..., rest], gc.build_indexes(sc2[..., rest]), mu2[..., rest])
-            y_hat = torch.where(mask, offsets + means, torch.round(y - mu2) + mu2)
-            return Coded([z_strings[0], first[0], second[0]], self.synthesize(y_hat * inv_gain, size))
+            y_strings = self.gaussian_conditional.compress(y, indexes, means)
+            y_hat = torch.round(y - means) + means
+            return Coded([z_strings[0], y_strings[0]], self.synthesize(y_hat * inv_gain, size))
 
         coded = code(y)
         if refine is None or refine.steps == 0:
             return coded
-        # The refinement's rate model is the hyperprior's alone (the context's correction moves
-        # with every step); the guard below only keeps the result if the real coded cost drops.
         y_ref = refine_latent(y, x, scales, means, lambda v: self.synthesize(v * inv_gain, size),
-                              gc, lam, refine)
+                              self.gaussian_conditional, lam, refine)
         refined = code(y_ref)
         # Keep the refined latent only if it lowers the real (coded) cost: never a regression.
         cost = [rd_cost(sum(map(len, c.strings)), c.x_hat, x, lam) for c in (coded, refined)]
@@ -253,24 +219,13 @@ class HyperpriorBackbone(Backbone):
     @torch.no_grad()
     def decode_latent(self, strings: list[bytes], size: Size) -> torch.Tensor:
         """The entropy-decoding half of `decompress`: a layer's strings to its (gained) y_hat."""
-        if len(strings) != self.n_strings:
-            raise ValueError(f"hyperprior layer needs {self.n_strings} entropy-coded strings, "
-                             f"got {len(strings)}")
+        if len(strings) != 2:
+            raise ValueError(f"hyperprior layer needs 2 entropy-coded strings, got {len(strings)}")
         z_size = self.hyper_sizes(size)[-1]
         z_hat = self.entropy_bottleneck.decompress([strings[0]], z_size).to(self.log_gain.device)
         scales, means = self._entropy_params(z_hat, size, exact=True)
-        gc = self.gaussian_conditional
-        if self.context is None:
-            return gc.decompress([strings[1]], gc.build_indexes(scales), means=means)
-        mask = anchor_mask(*scales.shape[-2:], device=scales.device)
-        offsets = torch.zeros_like(means)  # the anchors' symbols, as the encoder had them
-        offsets[..., mask] = gc.decompress([strings[1]], gc.build_indexes(scales[..., mask]))
-        sc2, mu2 = self._context_params(scales, means, offsets)
-        rest = ~mask
-        y_hat = offsets + means
-        y_hat[..., rest] = gc.decompress([strings[2]], gc.build_indexes(sc2[..., rest]),
-                                         means=mu2[..., rest])
-        return y_hat
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        return self.gaussian_conditional.decompress([strings[1]], indexes, means=means)
 
     @torch.no_grad()
     def decompress(self, strings: list[bytes], size: Size, quality: float) -> torch.Tensor:
@@ -322,7 +277,5 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
     if cfg.entropy == "hyperprior":
         return HyperpriorBackbone(cfg)
     if cfg.entropy == "factorized":
-        if cfg.context != "none":
-            raise ValueError("a context model needs the hyperprior entropy model")
         return FactorizedBackbone(cfg)
     raise ValueError(f"unknown entropy model {cfg.entropy!r} (hyperprior or factorized)")

@@ -126,14 +126,6 @@ def exact_conv(module: nn.Conv2d | nn.ConvTranspose2d, x: torch.Tensor) -> torch
     if module.bias is not None:
         b = snap(module.bias.detach().cpu(), WEIGHT_BITS + ACT_BITS)
     x = snap(x.detach().cpu(), ACT_BITS)
-    # On the grid every sum is exact, so any evaluation order gives the same bits: shapes that
-    # float64 F.conv2d runs slowly (1x1 and depthwise, the context model's) take faster routes.
-    if isinstance(module, nn.Conv2d) and module.stride == (1, 1) and module.dilation == (1, 1):
-        if module.kernel_size == (1, 1) and module.groups == 1 and module.padding == (0, 0):
-            out = torch.einsum("oc,bchw->bohw", w[:, :, 0, 0], x)
-            return snap(out if b is None else out + b[None, :, None, None], ACT_BITS)
-        if module.groups == module.in_channels == module.out_channels:
-            return snap(_depthwise(x, w, b, module.padding), ACT_BITS)
     if isinstance(module, nn.ConvTranspose2d):
         out = F.conv_transpose2d(
             x, w, b, module.stride, module.padding, module.output_padding, module.groups,
@@ -142,22 +134,6 @@ def exact_conv(module: nn.Conv2d | nn.ConvTranspose2d, x: torch.Tensor) -> torch
     else:
         out = F.conv2d(x, w, b, module.stride, module.padding, module.dilation, module.groups)
     return snap(out, ACT_BITS)
-
-
-def _depthwise(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-               padding: tuple[int, int] | str) -> torch.Tensor:
-    """Depthwise cross-correlation (zero padding) as a sum of shifted, per-channel scaled copies."""
-    if isinstance(padding, str):
-        raise ValueError(f"exact depthwise conv needs numeric padding, got {padding!r}")
-    kh, kw = w.shape[-2:]
-    ph, pw = padding
-    h, wd = x.shape[-2] + 2 * ph - kh + 1, x.shape[-1] + 2 * pw - kw + 1
-    xp = F.pad(x, (pw, pw, ph, ph))
-    out = torch.zeros(x.shape[0], x.shape[1], h, wd, dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            out += xp[..., i : i + h, j : j + wd] * w[None, :, 0, i, j, None, None]
-    return out if b is None else out + b[None, :, None, None]
 
 
 @torch.no_grad()

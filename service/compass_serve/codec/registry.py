@@ -34,14 +34,6 @@ PRESETS: dict[str, CompassConfig] = {
         liff=LiffConfig(features=32, blocks=2, convs=3, growth=16, hidden=64, depth=3,
                         skip="bicubic"),
     ),
-    # lite plus a checkerboard context model in the residual codec (64k parameters, parallel
-    # two-pass decoding); it starts from lite's weights, its context initialised to "no effect".
-    "lite-ctx": CompassConfig(
-        base=BackboneConfig(n=64, m=96),
-        residual=BackboneConfig(n=64, m=96, context="checkerboard"),
-        liff=LiffConfig(features=32, blocks=2, convs=3, growth=16, hidden=64, depth=3,
-                        skip="bicubic"),
-    ),
     # The paper's sizes: mbt2018-mean N=128, M=192; RDN 64 ch, 4x4 convs, growth 32; MLP 4x256.
     "paper": CompassConfig(
         base=BackboneConfig(n=128, m=192),
@@ -133,25 +125,14 @@ def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
-def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
-               new_modules: tuple[str, ...] = ()) -> None:
-    """Load weights, resizing the entropy models' CDF buffers (empty until `update()`).
-    Keys of `new_modules` (name fragments, e.g. ".context.") may be absent from `state`: those
-    modules keep their designed initialisation (extending trained weights with a new part)."""
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load weights, resizing the entropy models' CDF buffers (empty until `update()`)."""
     own = dict(model.named_buffers())
-    params = dict(model.named_parameters())
-    # A new part whose shape changed since the source was saved starts afresh as well.
-    state = {k: v for k, v in state.items() if not (
-        any(frag in f".{k}" for frag in new_modules) and k in params and params[k].shape != v.shape)}
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
             mod_name, _, buf = key.rpartition(".")
             model.get_submodule(mod_name).register_buffer(buf, torch.empty_like(value))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not any(frag in f".{k}" for frag in new_modules)]
-    if missing or unexpected:
-        raise RuntimeError(f"weights do not fit the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+    model.load_state_dict(state)
 
 
 def build(config: CompassConfig | dict, state: dict[str, torch.Tensor] | None = None) -> Compass:

@@ -34,8 +34,6 @@ from compass_serve.training.data import CropSampler, list_images, load_all, resi
 
 log = logging.getLogger(__name__)
 STAGES = ("backbone", "liff", "residual", "joint")
-# Parts a model may add to trained weights that lack them (zero-initialised to "no effect").
-NEW_MODULES = (".context.",)
 
 
 @dataclass
@@ -58,12 +56,9 @@ class TrainArgs:
     # when a resume raises the rate above the saved one (a new decay cycle).
     warmup_steps: int = 200
     resume: bool = True
-    # Where to start when the run dir is empty: a model-store name, or a run's .safetensors
-    # checkpoint (its progress.json beside it carries the training record).
+    # Where to start when the run dir is empty: a model-store name, or another run's
+    # .safetensors checkpoint (its progress.json and Adam state beside it carry on).
     init_from: str | None = None
-    # Learning-rate multiplier for a part the starting weights lack (a new context model): it
-    # starts from "no effect" and has to catch up with weights trained for hours.
-    new_lr_scale: float = 4.0
 
 
 def pick_device(name: str) -> torch.device:
@@ -109,9 +104,8 @@ class Trainer:
         self.val_images = [
             self._center(x) for x in load_all(held, "held-out images")
         ]
-        groups = self._stage_parameters()
-        self.params = [p for g in groups for p in g["params"]]
-        self.opt = torch.optim.Adam(groups, lr=args.lr)
+        self.params = self._stage_parameters()
+        self.opt = torch.optim.Adam(self.params, lr=args.lr)
         eb = [p for n, p in self.model.named_parameters() if n.endswith("quantiles")]
         self.aux_opt = torch.optim.Adam(eb, lr=1e-3)
         opt_path = self.out / f"optimizer-{args.stage}.pt"
@@ -127,11 +121,12 @@ class Trainer:
             self._carry_moments(self.source_run / opt_path.name)
 
     def _carry_moments(self, path: Path) -> None:
-        """Start the trained parameters from the source run's Adam moments and rate (new parts
-        start fresh), so extending a run does not restart its optimizer from zero."""
+        """Start from the source run's Adam moments and rate, so continuing another run does not
+        restart from zero moments. The source's first group must hold this stage's parameters in
+        order; later groups (parts this model lacks) are dropped."""
         st = torch.load(path, map_location=self.device, weights_only=True)
         old, new = st["opt"], self.opt.state_dict()
-        n_old = len(old["param_groups"][0]["params"])  # the trained parts come first, in order
+        n_old = len(old["param_groups"][0]["params"])
         if n_old != len(new["param_groups"][0]["params"]):
             log.warning("%s does not match this stage's parameters; Adam starts anew", path)
             return
@@ -158,9 +153,8 @@ class Trainer:
             self.progress = json.loads((self.out / "progress.json").read_text())
             log.info("resumed from %s: %s", weights, self.progress)
         elif self.args.init_from:
-            # Continue from shipped weights (a fresh machine has no run directory) or from another
-            # run's checkpoint (a model extended with a new part), with their training record; the
-            # optimizer starts anew, and parts the source lacks keep their initialisation.
+            # Continue from shipped weights (a fresh machine has no run directory) and the training
+            # record in their manifest, or from another run's checkpoint and its record.
             src = Path(self.args.init_from)
             if src.suffix == ".safetensors":
                 self.source_run = src.parent
@@ -174,7 +168,7 @@ class Trainer:
                 stages = info.manifest.get("training", {}).get("stages", {})
                 self.progress = {k: {"steps": v["steps"], "seconds": v["hours"] * 3600}
                                  for k, v in stages.items()}
-            load_state(self.model, state, new_modules=NEW_MODULES)
+            load_state(self.model, state)
             self.progress["residual_init"] = True
             log.info("initialised from %s: %s", self.args.init_from, self.progress)
         if self.args.stage == "liff" and "liff" not in self.progress:
@@ -198,8 +192,7 @@ class Trainer:
         torch.save({"opt": self.opt.state_dict(), "aux": self.aux_opt.state_dict()},
                    self.out / f"optimizer-{self.args.stage}.pt")
 
-    def _stage_parameters(self) -> list[dict]:
-        """Adam parameter groups of the stage: the trained parts, then any new parts (faster)."""
+    def _stage_parameters(self) -> list[torch.nn.Parameter]:
         m = self.model
         train = {
             "backbone": [m.base],
@@ -209,17 +202,13 @@ class Trainer:
         }[self.args.stage]
         for p in m.parameters():
             p.requires_grad_(False)
-        params: list[torch.nn.Parameter] = []
-        new: list[torch.nn.Parameter] = []
+        params = []
         for mod in train:
-            for n, p in mod.named_parameters(prefix="m"):
+            for n, p in mod.named_parameters():
                 p.requires_grad_(True)
                 if not n.endswith("quantiles"):
-                    (new if any(f in n for f in NEW_MODULES) else params).append(p)
-        groups = [{"params": params, "lr_scale": 1.0}]
-        if new:
-            groups.append({"params": new, "lr_scale": self.args.new_lr_scale})
-        return groups
+                    params.append(p)
+        return params
 
     def _center(self, x: torch.Tensor, side: int = 256) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -355,7 +344,7 @@ class Trainer:
                 lr = self.lr_at(st["seconds"] / budget, session_steps)
                 session_steps += 1
                 for g in self.opt.param_groups:
-                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                    g["lr"] = lr
                 stats = self.step()
                 now = time.monotonic()
                 st["seconds"] += now - t_prev
