@@ -107,3 +107,29 @@ def test_a_run_continues_from_another_runs_checkpoint(data: Path, tmp_path: Path
     t.run()  # the budget counts the carried record: it trains the difference only
     assert t.progress["joint"]["steps"] > source.progress["joint"]["steps"]
     assert (tmp_path / "b" / "best.safetensors").exists()
+
+
+def test_export_records_the_validation_row_of_the_exported_weights(tmp_path: Path) -> None:
+    """The log rounds losses to 4 places: of tied rows, the last one wrote best.safetensors."""
+    from safetensors.torch import save_file
+
+    from compass_serve.codec.registry import PRESETS, build, state_dict_for_save
+    from compass_serve.training.export import export_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best", "last"):
+        save_file(state_dict_for_save(build(PRESETS["tiny"])), str(run / f"{name}.safetensors"))
+    (run / "progress.json").write_text(json.dumps(
+        {"joint": {"steps": 30, "seconds": 60.0}, "preset": "tiny", "best_joint": 1.04595}))
+    fields = ["stage", "step", "q1_psnr", "val_loss"]
+    with (run / "log.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for step, psnr, loss in ((5, 26.0, "1.0470"), (10, 27.0, "1.0460"), (20, 28.0, "1.0460"),
+                                 (30, 29.0, "1.0480")):
+            w.writerow({"stage": "joint", "step": step, "q1_psnr": psnr, "val_loss": loss})
+    info = export_run(run, "tiny", weights="best", store=tmp_path / "store")
+    assert info.manifest["training"]["validation"]["q1_psnr"] == 28.0
+    assert export_run(run, "tiny", weights="last", store=tmp_path / "store").manifest[
+        "training"]["validation"]["q1_psnr"] == 29.0

@@ -33,12 +33,16 @@ def export_run(run: Path, name: str, weights: str = "last", preset: str | None =
         with log.open() as fh:
             rows = list(csv.DictReader(fh))
         if rows:
-            # The row of the exported weights: the last validation, or for "best" the lowest
-            # held-out loss of the stage that wrote best.safetensors last (best is per stage).
+            # The row of the exported weights: the last validation, or for "best" the one whose
+            # loss is the stage's recorded best (best is per stage; the log rounds to 4 places,
+            # so of tied rows the last: best.safetensors is rewritten on any improvement).
             last = rows[-1]
             if weights == "best":
-                stage_rows = [r for r in rows if r["stage"] == last["stage"]]
-                last = min(stage_rows, key=lambda r: float(r["val_loss"]))
+                stage = last["stage"]
+                target = float(progress.get(f"best_{stage}", 0.0))
+                stage_rows = [r for r in rows if r["stage"] == stage]
+                gap = min(abs(float(r["val_loss"]) - target) for r in stage_rows)
+                last = [r for r in stage_rows if abs(float(r["val_loss"]) - target) == gap][-1]
             val = {k: float(v) for k, v in last.items() if k.startswith("q") or k == "val_loss"}
             val["stage"] = last["stage"]
             val["note"] = ("held-out slice, 256-px centre crops, ladder 64/128/256, "
