@@ -38,7 +38,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 pred = model.enhancement.predict(x, size)
                 t1 = time.perf_counter()
-                y_hat = rc.decode_latent(s, size)  # hyper-synthesis, context and range decoding
+                y_hat = rc.decode_latent(s, size)  # hyper-synthesis and range decoding
                 t2 = time.perf_counter()
                 x = pred + rc.synthesize(y_hat * rc.inv_gain(q), size)
                 t3 = time.perf_counter()
