@@ -108,34 +108,17 @@ class Trainer:
         self.opt = torch.optim.Adam(self.params, lr=args.lr)
         eb = [p for n, p in self.model.named_parameters() if n.endswith("quantiles")]
         self.aux_opt = torch.optim.Adam(eb, lr=1e-3)
-        opt_path = self.out / f"optimizer-{args.stage}.pt"
-        # Warm-up ramps from this rate: 0 for a fresh optimizer, the saved one on a resume (a
-        # resume that raises the rate, e.g. a new decay cycle, is ramped too, not jumped).
+        # Adam state of this run (a resume) or of the run an --init-from checkpoint came from, so
+        # continuing does not restart from zero moments. Warm-up ramps from the saved rate (0 for
+        # a fresh optimizer): a resume that raises the rate, e.g. a new decay cycle, is ramped too.
         self.start_lr = 0.0
-        if args.resume and opt_path.exists():
-            st = torch.load(opt_path, map_location=self.device, weights_only=True)
+        name = f"optimizer-{args.stage}.pt"
+        run = self.out if args.resume and (self.out / name).exists() else self.source_run
+        if run is not None and (run / name).exists():
+            st = torch.load(run / name, map_location=self.device, weights_only=True)
             self.opt.load_state_dict(st["opt"])
             self.aux_opt.load_state_dict(st["aux"])
             self.start_lr = float(self.opt.param_groups[0]["lr"])
-        elif self.source_run is not None and (self.source_run / opt_path.name).exists():
-            self._carry_moments(self.source_run / opt_path.name)
-
-    def _carry_moments(self, path: Path) -> None:
-        """Start from the source run's Adam moments and rate, so continuing another run does not
-        restart from zero moments. The source's first group must hold this stage's parameters in
-        order; later groups (parts this model lacks) are dropped."""
-        st = torch.load(path, map_location=self.device, weights_only=True)
-        old, new = st["opt"], self.opt.state_dict()
-        n_old = len(old["param_groups"][0]["params"])
-        if n_old != len(new["param_groups"][0]["params"]):
-            log.warning("%s does not match this stage's parameters; Adam starts anew", path)
-            return
-        new["state"] = {i: v for i, v in old["state"].items() if int(i) < n_old}
-        new["param_groups"][0]["lr"] = old["param_groups"][0]["lr"]
-        self.opt.load_state_dict(new)
-        self.aux_opt.load_state_dict(st["aux"])
-        self.start_lr = float(old["param_groups"][0]["lr"])
-        log.info("carried Adam moments of %d parameters from %s", n_old, path)
 
     # -- state -----------------------------------------------------------------------------------
     @property
