@@ -218,3 +218,45 @@ def test_cdf_tables_are_reproducible() -> None:
         assert torch.equal(cdf, tables[0][0])
         assert torch.equal(offset, tables[0][1])
         assert torch.equal(length, tables[0][2])
+
+
+def test_regridding_gains_keeps_shared_levels_and_extends_the_ladder_linearly() -> None:
+    from compass_serve.codec.backbone import regrid_gains
+    from compass_serve.codec.model import DEFAULT_LAMBDAS, WIDE_LAMBDAS
+
+    old = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    state = {"base.codec.log_gain": old, "enhancement.residual.log_inv_gain": -old,
+             "base.codec.g_a.0.weight": torch.ones(2)}
+    new = regrid_gains(state, DEFAULT_LAMBDAS, WIDE_LAMBDAS)
+    gain = new["base.codec.log_gain"]
+    assert gain.shape == (8, 6)
+    assert torch.equal(gain[2:6], old)  # the four trained levels, bit for bit
+    assert torch.equal(new["enhancement.residual.log_inv_gain"][2:6], -old)
+    assert new["base.codec.g_a.0.weight"] is state["base.codec.g_a.0.weight"]
+    # Beyond the ends: the nearest segment's line in log-lambda, continued.
+    step = lambda i, j: np.log(WIDE_LAMBDAS[i] / WIDE_LAMBDAS[j])  # noqa: E731
+    lo = old[0] + (old[1] - old[0]) * step(1, 2) / step(3, 2)
+    assert torch.allclose(gain[1], lo, atol=1e-6)
+    hi = old[3] + (old[3] - old[2]) * step(7, 5) / step(5, 4)
+    assert torch.allclose(gain[7], hi, atol=1e-6)
+    # Between trained levels: interpolation (geometric in lambda, as fractional qualities are).
+    mid = regrid_gains(state, DEFAULT_LAMBDAS, (np.sqrt(0.0018 * 0.0035),))["base.codec.log_gain"]
+    assert torch.allclose(mid[0], (old[0] + old[1]) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="rise"):
+        regrid_gains(state, (0.01, 0.001), WIDE_LAMBDAS)
+
+
+def test_rate_ladder_config_and_default_quality() -> None:
+    from compass_serve.codec.backbone import BackboneConfig
+    from compass_serve.codec.model import WIDE_LAMBDAS, Compass, CompassConfig
+    from compass_serve.codec.registry import PRESETS
+
+    with pytest.raises(ValueError, match="8 lambdas but gain tables for 4"):
+        CompassConfig(base=BackboneConfig(n=16, m=24), residual=BackboneConfig(n=16, m=24),
+                      lambdas=WIDE_LAMBDAS)
+    wide = PRESETS["tiny"].with_lambdas(WIDE_LAMBDAS)
+    assert wide.base.qualities == wide.residual.qualities == 8
+    # The default quality is the level coding lambda 0.0067 on either ladder.
+    assert Compass(PRESETS["tiny"]).default_quality == 3.0
+    assert Compass(wide).default_quality == 5.0
+    assert PRESETS["lite-wide"].lambdas[4] == PRESETS["lite"].lambdas[2] == 0.0067

@@ -109,6 +109,37 @@ def test_a_run_continues_from_another_runs_checkpoint(data: Path, tmp_path: Path
     assert (tmp_path / "b" / "best.safetensors").exists()
 
 
+def test_init_from_a_checkpoint_on_another_rate_ladder_regrids_the_gains(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A four-level run continues on the eight-level ladder: old levels unchanged, new ones
+    trained, the carried record kept, Adam fresh (its moments do not fit the new tables)."""
+    from compass_serve.codec.model import WIDE_LAMBDAS
+    from compass_serve.codec.registry import PRESETS
+
+    monkeypatch.setitem(PRESETS, "tiny-wide", PRESETS["tiny"].with_lambdas(WIDE_LAMBDAS))
+    Trainer(args(data, tmp_path / "a", "joint")).run()
+    source = Trainer(args(data, tmp_path / "a", "joint"))
+    t = Trainer(args(data, tmp_path / "b", "joint", preset="tiny-wide", minutes=0.06,
+                     init_from=str(tmp_path / "a" / "last.safetensors")))
+    old, new = source.model.state_dict(), t.model.state_dict()
+    for key in old:
+        if key.endswith(("log_gain", "log_inv_gain")):
+            assert new[key].shape[0] == 8 and torch.equal(new[key][2:6], old[key]), key
+        else:
+            assert torch.equal(new[key], old[key]), key
+    assert t.progress["joint"] == source.progress["joint"]
+    assert t.start_lr == 0.0 and not t.opt.state
+    before = params(t)
+    t.run()
+    after = params(t)
+    gains = "enhancement.residual.log_gain"
+    assert not torch.equal(before[gains], after[gains])
+    rows = list(csv.DictReader((tmp_path / "b" / "log.csv").open()))
+    assert rows and "q8_psnr" in rows[-1]
+    assert json.loads((tmp_path / "b" / "progress.json").read_text())["preset"] == "tiny-wide"
+
+
 def test_export_records_the_validation_row_of_the_exported_weights(tmp_path: Path) -> None:
     """The log rounds losses to 4 places: of tied rows, the last one wrote best.safetensors."""
     from safetensors.torch import save_file

@@ -13,7 +13,9 @@ entropy coder's CDF indices are the same on every machine (see `layers.exact_con
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,33 @@ def quality_levels(quality: float, levels: int) -> tuple[int, int, float]:
     q = min(max(float(quality), 1.0), float(levels)) - 1.0
     lo = min(math.floor(q), levels - 1)
     return lo, min(lo + 1, levels - 1), q - lo
+
+
+def regrid_gains(
+    state: dict[str, torch.Tensor], old: Sequence[float], new: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """Move every gain table in `state` from the rate ladder `old` (lambdas) to `new`.
+
+    Each new level's log-gains are linear in log-lambda between the two old levels around it
+    and extrapolated from the nearest two beyond the ends, so levels both ladders share keep
+    their exact vectors: a model widened this way codes its old rate points as before, and its
+    new ones start where the trained ones point (training then refines them)."""
+    if len(old) < 2 or len(new) < 1:
+        raise ValueError("regridding needs at least 2 old levels and 1 new one")
+    logs = [math.log(v) for v in old]
+    if logs != sorted(set(logs)):
+        raise ValueError(f"the old ladder must rise strictly, got {list(old)}")
+    where = []  # per new level: the old segment (i-1, i) and the position t along it
+    for lam in new:
+        x = math.log(lam)
+        i = min(max(bisect.bisect_left(logs, x), 1), len(logs) - 1)
+        where.append((i, (x - logs[i - 1]) / (logs[i] - logs[i - 1])))
+    out = dict(state)
+    for key, table in state.items():
+        if key.endswith(("log_gain", "log_inv_gain")):
+            # lerp returns either end exactly at t = 0 and t = 1 (shared levels stay bit-equal).
+            out[key] = torch.stack([torch.lerp(table[i - 1], table[i], t) for i, t in where])
+    return out
 
 
 @dataclass(frozen=True)

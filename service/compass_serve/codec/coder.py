@@ -22,8 +22,6 @@ from compass_serve.codec.refine import Refinement
 from compass_serve.codec.registry import ModelInfo, load_model
 from compass_serve.imageio import fit_width, resize, to_image, to_tensor
 
-DEFAULT_QUALITY = 3.0
-
 
 class ModelMismatch(bs.BitstreamError):
     """The stream was encoded with other weights than the decoder holds."""
@@ -86,8 +84,7 @@ class Codec:
         return next(self.model.parameters()).device
 
     def check_quality(self, quality: float | None) -> float:
-        q = DEFAULT_QUALITY if quality is None else float(quality)
-        q = min(q, float(self.qualities)) if quality is None else q
+        q = self.model.default_quality if quality is None else float(quality)
         if not (math.isfinite(q) and 1.0 <= q <= self.qualities):
             raise QualityError(f"quality {quality} is outside 1..{self.qualities} for {self.name}")
         return round(q, 2)  # the container stores hundredths

@@ -9,7 +9,8 @@ residuals); callers clamp for display and PSNR only.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,12 @@ from compass_serve.codec.refine import Refinement
 
 # Rate-distortion trade-offs of the trained quality levels (CompressAI's qualities 1-4, which the
 # paper uses); quality q in [1, len] interpolates between them.
-DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.013)
+DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.013)  # the paper's four rate points
+# The paper's four plus two halvings below and two doublings above: on the lite model the four
+# span only ~0.22-0.54 bpp on Kodak, this ladder about 0.1-1 bpp.
+WIDE_LAMBDAS = (0.00045, 0.0009, *DEFAULT_LAMBDAS, 0.026, 0.05)
+# The default quality is the trained level nearest this trade-off (quality 3 of the four).
+DEFAULT_LAMBDA = 0.0067
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,18 @@ class CompassConfig:
     liff: LiffConfig = field(default_factory=LiffConfig)
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     predictor: str = "liff"  # "liff" or "bicubic" (the ablation's inter-layer predictor)
+
+    def __post_init__(self) -> None:
+        levels = {len(self.lambdas), self.base.qualities, self.residual.qualities}
+        if len(levels) != 1:
+            raise ValueError(f"{len(self.lambdas)} lambdas but gain tables for "
+                             f"{self.base.qualities} (base) / {self.residual.qualities} qualities")
+
+    def with_lambdas(self, lambdas: tuple[float, ...]) -> CompassConfig:
+        """The same model on another rate ladder (gain tables sized to match)."""
+        q = len(lambdas)
+        return replace(self, base=replace(self.base, qualities=q),
+                       residual=replace(self.residual, qualities=q), lambdas=tuple(lambdas))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +112,12 @@ class Compass(nn.Module):
     @property
     def qualities(self) -> int:
         return len(self.cfg.lambdas)
+
+    @property
+    def default_quality(self) -> float:
+        """The trained level whose lambda is nearest `DEFAULT_LAMBDA`, as a quality 1..Q."""
+        gap = [abs(math.log(lam / DEFAULT_LAMBDA)) for lam in self.cfg.lambdas]
+        return float(gap.index(min(gap)) + 1)
 
     def forward(self, images: list[torch.Tensor], quality: torch.Tensor) -> list[dict[str, object]]:
         """Training pass over a layer chain (smallest first) with noisy quantisation."""

@@ -24,16 +24,20 @@ from safetensors.torch import load_file, save_file
 
 from compass_serve.codec.backbone import BackboneConfig
 from compass_serve.codec.liff import LiffConfig
-from compass_serve.codec.model import Compass, CompassConfig
+from compass_serve.codec.model import WIDE_LAMBDAS, Compass, CompassConfig
+
+# Sized for serving on a 2-core CPU: ~1.8 M parameters per transform codec, a light LIFF.
+_LITE = CompassConfig(
+    base=BackboneConfig(n=64, m=96),
+    residual=BackboneConfig(n=64, m=96),
+    liff=LiffConfig(features=32, blocks=2, convs=3, growth=16, hidden=64, depth=3, skip="bicubic"),
+)
 
 PRESETS: dict[str, CompassConfig] = {
-    # Sized for serving on a 2-core CPU: ~1.8 M parameters per transform codec, a light LIFF.
-    "lite": CompassConfig(
-        base=BackboneConfig(n=64, m=96),
-        residual=BackboneConfig(n=64, m=96),
-        liff=LiffConfig(features=32, blocks=2, convs=3, growth=16, hidden=64, depth=3,
-                        skip="bicubic"),
-    ),
+    "lite": _LITE,
+    # lite on the wide rate ladder (8 levels, about 0.1-1 bpp); `train --init-from lite` starts
+    # it from the four-level weights with their gains regridded (`regrid_gains`).
+    "lite-wide": _LITE.with_lambdas(WIDE_LAMBDAS),
     # The paper's sizes: mbt2018-mean N=128, M=192; RDN 64 ch, 4x4 convs, growth 32; MLP 4x256.
     "paper": CompassConfig(
         base=BackboneConfig(n=128, m=192),

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from compass_serve.codec.backbone import regrid_gains
 from compass_serve.codec.liff import Liff
 from compass_serve.codec.model import Compass
 from compass_serve.codec.registry import PRESETS, load_model, load_state, state_dict_for_save
@@ -145,12 +146,19 @@ class Trainer:
                 record = json.loads((src.parent / "progress.json").read_text())
                 self.progress = {k: {"steps": v["steps"], "seconds": v["seconds"]}
                                  for k, v in record.items() if k in STAGES}
+                lambdas = PRESETS[record.get("preset", self.args.preset)].lambdas
             else:
                 model, info = load_model(self.args.init_from)
                 state = {k: v.to(self.device) for k, v in model.state_dict().items()}
                 stages = info.manifest.get("training", {}).get("stages", {})
                 self.progress = {k: {"steps": v["steps"], "seconds": v["hours"] * 3600}
                                  for k, v in stages.items()}
+                lambdas = model.cfg.lambdas
+            if lambdas != self.cfg.lambdas:
+                # Another rate ladder: gains regridded; Adam moments do not fit the new tables.
+                state = regrid_gains(state, lambdas, self.cfg.lambdas)
+                self.source_run = None
+                log.info("gains regridded from %s to %s", lambdas, self.cfg.lambdas)
             load_state(self.model, state)
             self.progress["residual_init"] = True
             log.info("initialised from %s: %s", self.args.init_from, self.progress)

@@ -162,7 +162,8 @@ def create_router(settings: Settings, output_formats: tuple[str, ...]) -> APIRou
                                    description="comma-separated layer scales in (0, 1], smallest first "
                                    "(not together with `widths`)"),
         quality: float | None = Query(None, ge=1, description="codec quality 1..Q, Q being the model's "
-                                      "number of trained qualities (fractional allowed); default 3"),
+                                      "number of trained qualities (fractional allowed); default: the "
+                                      "level trained at lambda 0.0067 (3 of 4)"),
         wait: bool = Query(False, description="answer when encoding is done (201 + manifest)"),
     ) -> Response:
         opts = UploadOptions(
