@@ -260,3 +260,20 @@ def test_rate_ladder_config_and_default_quality() -> None:
     assert Compass(PRESETS["tiny"]).default_quality == 3.0
     assert Compass(wide).default_quality == 5.0
     assert PRESETS["lite-wide"].lambdas[4] == PRESETS["lite"].lambdas[2] == 0.0067
+
+
+def test_a_widened_model_codes_its_old_rate_points_exactly_as_before(tiny_codec: Codec) -> None:
+    from compass_serve.codec.backbone import regrid_gains
+    from compass_serve.codec.model import WIDE_LAMBDAS
+    from compass_serve.codec.registry import build
+
+    model = tiny_codec.model
+    wide_cfg = model.cfg.with_lambdas(WIDE_LAMBDAS)
+    wide = Codec(build(wide_cfg, regrid_gains(model.state_dict(), model.cfg.lambdas,
+                                              WIDE_LAMBDAS)), "tiny", tiny_codec.weights_id)
+    img = photo(96, 64, seed=3)
+    for q in (1.0, 2.5, 4.0):  # old quality q is level q + 2 of the wide ladder
+        old = bs.Bitstream.parse(tiny_codec.encode(img, quality=q)).payloads
+        new = bs.Bitstream.parse(wide.encode(img, quality=q + 2)).payloads
+        assert [bytes(p) for p in old] == [bytes(p) for p in new]
+    assert wide.decode(wide.encode(img, quality=8.0)).image.size == (96, 64)  # new levels code
