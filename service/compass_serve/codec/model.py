@@ -23,9 +23,9 @@ from compass_serve.codec.refine import Refinement
 
 # Rate-distortion trade-offs of the trained quality levels (CompressAI's qualities 1-4, which the
 # paper uses); quality q in [1, len] interpolates between them.
-DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.013)  # the paper's four rate points
+DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.013)
 # The paper's four plus two halvings below and two doublings above: on the lite model the four
-# span only ~0.22-0.54 bpp on Kodak, this ladder about 0.1-1 bpp.
+# span only ~0.22-0.54 bpp on Kodak; this ladder is meant to reach about 0.1-1 bpp.
 WIDE_LAMBDAS = (0.00045, 0.0009, *DEFAULT_LAMBDAS, 0.026, 0.05)
 # The default quality is the trained level nearest this trade-off (quality 3 of the four).
 DEFAULT_LAMBDA = 0.0067

@@ -35,7 +35,7 @@ _LITE = CompassConfig(
 
 PRESETS: dict[str, CompassConfig] = {
     "lite": _LITE,
-    # lite on the wide rate ladder (8 levels, about 0.1-1 bpp); `train --init-from lite` starts
+    # lite on the wide rate ladder (8 levels, for about 0.1-1 bpp); `train --init-from lite` starts
     # it from the four-level weights with their gains regridded (`regrid_gains`).
     "lite-wide": _LITE.with_lambdas(WIDE_LAMBDAS),
     # The paper's sizes: mbt2018-mean N=128, M=192; RDN 64 ch, 4x4 convs, growth 32; MLP 4x256.
