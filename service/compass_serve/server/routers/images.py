@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Security
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from compass_serve.codec.model import DEFAULT_LAMBDA
 from compass_serve.server import schemas
 from compass_serve.server.db import PENDING, READY
 from compass_serve.server.httputil import (
@@ -163,7 +164,7 @@ def create_router(settings: Settings, output_formats: tuple[str, ...]) -> APIRou
                                    "(not together with `widths`)"),
         quality: float | None = Query(None, ge=1, description="codec quality 1..Q, Q being the model's "
                                       "number of trained qualities (fractional allowed); default: the "
-                                      "level trained at lambda 0.0067 (3 of 4)"),
+                                      f"level trained at lambda {DEFAULT_LAMBDA:g} (3 of 4)"),
         wait: bool = Query(False, description="answer when encoding is done (201 + manifest)"),
     ) -> Response:
         opts = UploadOptions(
