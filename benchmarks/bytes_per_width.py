@@ -54,7 +54,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--image", default="../shared/data/kodak/kodim23.png")
     ap.add_argument("--widths", default="128,192,256,384,512,768")
-    ap.add_argument("--quality", type=float, default=3.0, help="COMPASS quality")
+    ap.add_argument("--quality", type=float, default=None,
+                    help="COMPASS quality (default: the model's default quality)")
     ap.add_argument("--jpeg-quality", type=int, default=85)
     ap.add_argument("--webp-quality", type=int, default=80)
     a = ap.parse_args()
@@ -64,7 +65,7 @@ def main() -> None:
         with Client(srv.url) as c:
             info = c.upload(Path(a.image), quality=a.quality, wait=True)
         layers = ", ".join(f"{la.width}x{la.height}" for la in info.layers)
-        print(f"{Path(a.image).name}: {src.width}x{src.height}, COMPASS quality {a.quality:g}, "
+        print(f"{Path(a.image).name}: {src.width}x{src.height}, COMPASS quality {info.quality:g}, "
               f"layers {layers}, stream {info.size} bytes\n")
         print(f"| width | COMPASS fetch bytes | PSNR | JPEG q{a.jpeg_quality} bytes | PSNR "
               f"| WebP q{a.webp_quality} bytes | PSNR |")

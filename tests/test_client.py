@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from compass_serve import AsyncClient, Client
 from compass_serve.client import (
+    EncoderModel,
     Manifest,
     ModelMismatch,
     NotFound,
@@ -123,6 +124,22 @@ def test_local_decode_equals_server_decode(server: LiveServer, tiny_store: Path,
             assert local.shape == remote.shape
             diff = np.abs(local - remote)
             assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (width, diff.max(), (diff > 0).sum())
+
+
+def test_model_gives_the_quality_range(server: LiveServer, tiny_store: Path,
+                                      uploaded: Manifest) -> None:
+    with Client(server.url, model_store=tiny_store) as c:
+        m = c.model()
+        default = c.upload(photo(W, H, seed=8), widths=LADDER)
+    assert (m.name, m.weights_id) == (uploaded.model, uploaded.weights_id)
+    assert m.qualities == len(m.lambdas) >= 2 and 1 <= m.default_quality <= m.qualities
+    assert default.quality == m.default_quality
+    assert asyncio.run(_async_model(server, tiny_store)) == m
+
+
+async def _async_model(server: LiveServer, store: Path) -> EncoderModel:
+    async with AsyncClient(server.url, model_store=store) as c:
+        return await c.model()
 
 
 def test_async_client_same_results(server: LiveServer, tiny_store: Path,

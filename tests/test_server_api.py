@@ -319,6 +319,20 @@ def test_framework_errors_are_problems(client: httpx.Client) -> None:
     assert r.status_code == 422 and body["errors"][0]["location"] == "query parameter limit"
 
 
+def test_model_describes_the_encoder(client: httpx.Client, image: dict, tiny_codec: Codec) -> None:
+    r = client.get("/model")
+    assert r.status_code == 200, r.text
+    m = r.json()
+    assert (m["name"], m["weights_id"]) == (image["model"], image["weights_id"])
+    assert m["qualities"] == len(m["lambdas"]) == tiny_codec.qualities
+    assert m["lambdas"] == sorted(m["lambdas"])
+    assert m["default_quality"] == tiny_codec.model.default_quality
+    assert image["quality"] == m["default_quality"]  # the fixture's upload named no quality
+    # The range it states is the one uploads are held to.
+    top = upload(client, png_bytes(photo(W, H)), quality=m["qualities"] + 0.5)
+    assert top.status_code == 422 and f"1..{m['qualities']}" in top.json()["detail"]
+
+
 def test_health_ready_metrics_docs(client: httpx.Client, image: dict) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz")
@@ -336,6 +350,7 @@ def test_health_ready_metrics_docs(client: httpx.Client, image: dict) -> None:
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()
     assert {"/images", "/images/{image_id}", "/images/{image_id}/manifest",
-            "/images/{image_id}/bitstream", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
+            "/images/{image_id}/bitstream", "/model", "/healthz", "/readyz",
+            "/metrics"} <= set(schema["paths"])
     err = schema["paths"]["/images/{image_id}"]["get"]["responses"]["404"]["content"]
     assert "application/problem+json" in err

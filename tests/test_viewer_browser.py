@@ -124,12 +124,19 @@ def test_upload_progressive_delivery_and_srcset(browser: Any, photo_file: Path, 
             # The srcset check below goes from narrow to wide: Chromium keeps using a wider candidate
             # it already has in its memory cache, so the page must not have loaded a wide one first.
             page.eval_on_selector("#display-width", "el => { el.value = '96'; }")
+            # The quality field takes its range and default from GET /model.
+            with httpx.Client(base_url=srv.url) as c:
+                model = c.get("/model").json()
+            page.wait_for_function("() => document.getElementById('quality').max !== ''")
+            assert page.get_attribute("#quality", "max") == str(model["qualities"])
+            assert page.input_value("#quality") == f"{model['default_quality']:g}"
             _upload(page, photo_file, ",".join(map(str, LADDER)))
             _wait_status(page, "Ready")
             with httpx.Client(base_url=srv.url) as c:
                 manifest = c.get("/images").json()["items"][0]["links"]["manifest"]
                 m = c.get(manifest).json()
                 costs = c.get(f"/images/{m['id']}/costs").json()
+            assert m["quality"] == model["default_quality"]
             layers = m["layers"]
             assert [la["width"] for la in layers] == LADDER
             assert page.locator("#layer-table tbody tr").count() == 1 + len(LADDER)  # header + layers

@@ -12,12 +12,13 @@ from compass_serve.client.errors import (
     TransportError,
     TruncatedResponse,
 )
-from compass_serve.client.models import ImageInfo, Layer, Manifest
+from compass_serve.client.models import EncoderModel, ImageInfo, Layer, Manifest
 
 __all__ = [
     "AsyncClient",
     "Client",
     "CompassError",
+    "EncoderModel",
     "ImageInfo",
     "Layer",
     "Manifest",

@@ -31,7 +31,7 @@ from compass_serve.client.core import (
     should_retry,
 )
 from compass_serve.client.errors import TransportError, TruncatedResponse
-from compass_serve.client.models import ImageInfo, Manifest
+from compass_serve.client.models import EncoderModel, ImageInfo, Manifest
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TRANSIENT = (httpx.TransportError,)  # connect/read/write errors, timeouts, broken bodies
@@ -140,6 +140,10 @@ class Client(_Base):
     def manifest(self, image_id: str) -> Manifest:
         return self._run(self._core.manifest(image_id))
 
+    def model(self) -> EncoderModel:
+        """The server's encoder model: quality range and default for `upload`."""
+        return self._run(self._core.model())
+
     def get(self, image_id: str, width: int | None = None, format: str | None = None) -> Image.Image:
         """The server decodes: an image exactly `width` wide (full size without)."""
         return self._run(self._core.get(image_id, width, format))
@@ -231,6 +235,9 @@ class AsyncClient(_Base):
 
     async def manifest(self, image_id: str) -> Manifest:
         return await self._run(self._core.manifest(image_id))
+
+    async def model(self) -> EncoderModel:
+        return await self._run(self._core.model())
 
     async def get(self, image_id: str, width: int | None = None,
                   format: str | None = None) -> Image.Image:

@@ -27,7 +27,7 @@ from compass_serve.client.errors import (
     RequestRejected,
     ServerError,
 )
-from compass_serve.client.models import Manifest
+from compass_serve.client.models import EncoderModel, Manifest
 
 Source = str | os.PathLike[str] | bytes | IO[bytes] | Image.Image
 RETRY_STATUS = {429, 502, 503, 504}
@@ -195,6 +195,11 @@ class Core:
         reply = yield Send(self.request("GET", f"/images/{image_id}/manifest"))
         raise_for(reply, image_id)
         return Manifest.from_json(reply.json())
+
+    def model(self) -> Flow:
+        reply = yield Send(self.request("GET", "/model"))
+        raise_for(reply)
+        return EncoderModel.from_json(reply.json())
 
     def ready_manifest(self, image_id: str) -> Flow:
         man = yield from self.manifest(image_id)

@@ -66,3 +66,20 @@ class Manifest:
 
 # What `upload` returns: the manifest of the uploaded image.
 ImageInfo = Manifest
+
+
+@dataclass(frozen=True)
+class EncoderModel:
+    """The model the server encodes new uploads with (`GET /model`): the quality range to offer."""
+
+    name: str
+    weights_id: str
+    qualities: int              # `quality` takes 1..qualities; fractions interpolate
+    default_quality: float      # what an upload that names no quality gets
+    lambdas: tuple[float, ...]  # the rate-distortion trade-off each level was trained for
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EncoderModel:
+        return cls(name=d["name"], weights_id=d["weights_id"], qualities=int(d["qualities"]),
+                   default_quality=float(d["default_quality"]),
+                   lambdas=tuple(float(x) for x in d["lambdas"]))

@@ -13,7 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from compass_serve import __version__
 from compass_serve.server import problems
 from compass_serve.server.metrics import MetricsMiddleware
-from compass_serve.server.routers import health, images, viewer
+from compass_serve.server.routers import health, images, model, viewer
 from compass_serve.server.service import ImageService
 from compass_serve.server.settings import Settings
 
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     app.include_router(health.create_router())
     app.include_router(images.create_router(settings, service.output_formats))
+    app.include_router(model.create_router())
     if settings.viewer:
         app.include_router(viewer.create_router())
         app.mount(viewer.ASSETS_PATH, viewer.assets(), name="viewer-assets")

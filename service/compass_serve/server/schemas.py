@@ -127,6 +127,18 @@ class Costs(BaseModel):
     layers: list[LayerCost]
 
 
+class EncoderModel(BaseModel):
+    """The model new uploads are encoded with (older images name their own in the manifest)."""
+
+    name: str
+    weights_id: str = Field(description="8 bytes of the weights' sha256, hex, as stored in streams")
+    qualities: int = Field(description="trained rate points: `quality` takes 1..qualities, "
+                           "fractions interpolate between neighbours")
+    default_quality: float = Field(description="the quality of an upload that names none")
+    lambdas: list[float] = Field(description="the rate-distortion trade-off each quality was "
+                                 "trained for (higher: more bytes, better fidelity)")
+
+
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)

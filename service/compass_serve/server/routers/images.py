@@ -163,8 +163,9 @@ def create_router(settings: Settings, output_formats: tuple[str, ...]) -> APIRou
                                    description="comma-separated layer scales in (0, 1], smallest first "
                                    "(not together with `widths`)"),
         quality: float | None = Query(None, ge=1, description="codec quality 1..Q, Q being the model's "
-                                      "number of trained qualities (fractional allowed); default: the "
-                                      f"level trained at lambda {DEFAULT_LAMBDA:g} (3 of 4)"),
+                                      "number of trained qualities (fractional allowed; `GET /model` "
+                                      "gives Q); default: the level trained at lambda "
+                                      f"{DEFAULT_LAMBDA:g}"),
         wait: bool = Query(False, description="answer when encoding is done (201 + manifest)"),
     ) -> Response:
         opts = UploadOptions(

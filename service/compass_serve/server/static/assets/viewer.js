@@ -403,7 +403,19 @@ async function refreshList(append = false) {
   $("list-empty").hidden = list.children.length > 0;
 }
 
+/** The quality field follows the encoder's model (GET /model): its range and its default. */
+async function loadModel() {
+  let m;
+  try { m = await getJson("/model"); } catch { return; } // field stays empty: the server's default
+  const q = $("quality");
+  q.max = String(m.qualities);
+  if (!q.value) q.value = String(m.default_quality);
+  $("quality-help").textContent =
+    `1 = fewest bytes, ${m.qualities} = best (model ${m.name}); fractions allowed.`;
+}
+
 // -- start --------------------------------------------------------------------------------------------------
+loadModel();
 wireUpload();
 wireImage();
 $("refresh").addEventListener("click", () => refreshList());
