@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,44 @@ def test_bd_rate_of_a_scaled_curve() -> None:
     assert bd_rate(rates, psnrs, rates, psnrs) == pytest.approx(0.0, abs=1e-9)
     assert bd_rate(rates, psnrs, [r * 0.9 for r in rates], psnrs) == pytest.approx(-10.0, abs=1e-6)
     assert bd_rate(rates, psnrs, [r * 1.25 for r in rates], psnrs) == pytest.approx(25.0, abs=1e-6)
+
+
+def _result(scale: float) -> dict:
+    """An eval result whose COMPASS top layer needs `scale` x the bits of a reference curve,
+    the backbone 1.1 x and simulcast 1.5 x (constant ratios: exact BD-rates)."""
+    rates, psnrs = [0.1, 0.2, 0.4, 0.8, 1.6], [24.0, 27.0, 30.0, 33.0, 36.0]
+
+    def pt(r: float, p: float) -> dict:
+        return {"bpp": r, "psnr": p}
+    levels = [(f"{i + 1}", r, p) for i, (r, p) in enumerate(zip(rates, psnrs, strict=True))]
+    return {
+        "model": "m", "weights_id": "00",
+        "compass": {q: [pt(4 * r, p - 2), pt(scale * r, p)] for q, r, p in levels},
+        "single_layer": {q: pt(1.1 * r, p) for q, r, p in levels},
+        "simulcast": {q: [pt(4 * r, p - 2), pt(1.5 * r, p)] for q, r, p in levels},
+    }
+
+
+def test_bd_over_a_subset_of_qualities(tmp_path: Path) -> None:
+    res = _result(1.0)
+    sub = run.summarize(res, ["2", "3", "4"])
+    trimmed = {**res, "compass": {q: res["compass"][q] for q in ("2", "3", "4")}}
+    assert sub == run.summarize(trimmed)
+    assert sub["single_layer"] == pytest.approx((1 / 1.1 - 1) * 100, abs=1e-6)
+    with pytest.raises(KeyError, match="not in the result"):
+        run.summarize(res, ["9"])
+
+    # The CLI: a stored result, a quality range, another model's result as one more anchor.
+    mine, other = tmp_path / "mine.json", tmp_path / "other.json"
+    mine.write_text(json.dumps(res))
+    other.write_text(json.dumps(_result(1.25)))
+    cmd = [sys.executable, "-m", "compass_serve.cli", "bd", str(mine)]
+    out = subprocess.run([*cmd, "--qualities", "2,3,4", "--against", str(other)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "qualities ['2', '3', '4']" in out and "simulcast" in out
+    assert out.strip().splitlines()[-1].endswith("-20.0 %")  # 1/1.25 of the other's bits
+    bad = subprocess.run([*cmd, "--qualities", "9"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not in the result" in bad.stderr
 
 
 def test_evaluate_writes_every_table(tiny_codec: Codec, tmp_path: Path,

@@ -1,4 +1,5 @@
-"""The shipped weights, really exercised: a Kodak image through every layer and every quality."""
+"""The shipped weights, really exercised: a Kodak image through every layer at both ends of the
+quality range."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def test_kodak_image_all_layers_and_qualities(lite: Codec) -> None:
     sizes = [(192, 128), (384, 256), (768, 512)]
     refs = [resize(img, w, h) for w, h in sizes]
     rates, tops = [], []
-    for q in (1.0, 4.0):
+    for q in (1.0, float(lite.qualities)):
         data = lite.encode(img, quality=q)
         table = bs.parse_header(data).table
         assert [(e.width, e.height) for e in table] == sizes

@@ -137,6 +137,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bd(args: argparse.Namespace) -> int:
+    from compass_serve.evaluation.bd import bd_rate
+    from compass_serve.evaluation.run import summarize, top_layer
+
+    res = json.loads(Path(args.results).read_text())
+    qs = [f"{q:g}" for q in args.qualities] if args.qualities else None
+    try:
+        table = summarize(res, qs)
+        top = top_layer(res, qs)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    for path in args.against:
+        other = top_layer(json.loads(Path(path).read_text()))
+        table[f"compass of {path}"] = bd_rate([p["bpp"] for p in other], [p["psnr"] for p in other],
+                                              [p["bpp"] for p in top], [p["psnr"] for p in top])
+    print(f"BD-rate of {res['model']} ({res['weights_id']}), qualities {qs or list(res['compass'])}, "
+          "top layer, cumulative bits (negative = fewer bits):")
+    for k, v in table.items():
+        print(f"  {k:28} " + ("n/a" if v != v else f"{v:+.1f} %"))
+    return 0
+
+
 def cmd_curve(args: argparse.Namespace) -> int:
     from compass_serve.evaluation.curve import learning_curve
 
@@ -321,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--write-manifest", action="store_true",
                     help="store the figures in the model's manifest")
     ev.set_defaults(func=cmd_eval)
+
+    bd = sub.add_parser("bd", help="BD-rates of a stored eval result, over chosen qualities")
+    bd.add_argument("results", help="an eval's results.json")
+    bd.add_argument("--qualities", type=_floats, default=None,
+                    help="e.g. 3,4,5,6: compare on the rate range another model covers")
+    bd.add_argument("--against", action="append", default=[], metavar="RESULTS",
+                    help="another eval's results.json: its COMPASS top layer as one more anchor")
+    bd.set_defaults(func=cmd_bd)
 
     cu = sub.add_parser("curve", help="learning curve: Kodak PSNR at a fixed rate vs hours")
     cu.add_argument("--run", default="runs/lite")

@@ -12,6 +12,7 @@ import logging
 import platform
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,10 +238,20 @@ def _bd(anchor: list[dict], test: list[dict]) -> float:
                    [p["bpp"] for p in test], [p["psnr"] for p in test])
 
 
-def summarize(res: dict) -> dict:
-    """BD-rates of COMPASS's top layer against every anchor on the default ladder."""
-    qs = list(res["compass"])
-    top = [res["compass"][q][-1] for q in qs]
+def top_layer(res: dict, qualities: Sequence[str] | None = None) -> list[dict]:
+    """COMPASS's top-layer points (cumulative bits) of an eval result, at `qualities` (all)."""
+    qs = list(qualities or res["compass"])
+    missing = [q for q in qs if q not in res["compass"]]
+    if missing:
+        raise KeyError(f"qualities {missing} are not in the result (it has {list(res['compass'])})")
+    return [res["compass"][q][-1] for q in qs]
+
+
+def summarize(res: dict, qualities: Sequence[str] | None = None) -> dict:
+    """BD-rates of COMPASS's top layer against every anchor on the default ladder, over
+    `qualities` (default: all that were evaluated; a subset compares models on a common range)."""
+    qs = list(qualities or res["compass"])
+    top = top_layer(res, qs)
     out = {
         "single_layer": _bd([res["single_layer"][q] for q in qs], top),
         "simulcast": _bd([res["simulcast"][q][-1] for q in qs], top),
