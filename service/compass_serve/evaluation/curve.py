@@ -25,6 +25,7 @@ from compass_serve.codec.registry import PRESETS, build
 from compass_serve.evaluation.run import LADDER, code_compass, code_single, ladder_for
 from compass_serve.imageio import load_rgb
 from compass_serve.training.data import list_images
+from compass_serve.training.train import run_preset
 
 
 def psnr_at_rate(points: list[tuple[float, float]], rate: float) -> float:
@@ -135,7 +136,10 @@ def plot_curve(rows: list[dict], rate: float, path: Path, title: str) -> None:
 
 
 def learning_curve(run: Path, data: Path, out: Path, rate: float = 0.5, limit: int = 6,
-                   preset: str = "lite", every: int = 1) -> list[dict]:
+                   preset: str | None = None, every: int = 1) -> list[dict]:
+    """Measure a run's snapshots (with the preset it was trained with, unless told) and plot
+    them together with every row `out`'s JSON record already holds."""
+    preset = preset or run_preset(run)
     cache = out.with_suffix(".json")
     done = {r["snapshot"]: r for r in json.loads(cache.read_text())} if cache.exists() else {}
     rows = snapshot_curve(run, data, rate, limit, preset, done=done, every=every)

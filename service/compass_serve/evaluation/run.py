@@ -159,7 +159,7 @@ class Evaluation:
             try:
                 for q in self.qualities:
                     rows = []
-                    for img in self.images:
+                    for img in tqdm(self.images, desc=f"ablation {predictor} q={q:g}", leave=False):
                         lad = ladder_for(img, self.widths(img, LADDER))
                         layers = code_compass(self.codec, img, lad, q, self.refine_steps)
                         w, h = lad.sizes[-1]

@@ -9,6 +9,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from compass_serve.codec.registry import PRESETS, ModelInfo, build, save_model
+from compass_serve.training.train import run_preset
 
 DATA_NOTE = (
     "../shared/data/train (515 photos: Urban100, Sun-Hays80, BSDS500, PolyU, McMaster, ImageNet "
@@ -23,7 +24,7 @@ LICENSE_NOTE = (
 def export_run(run: Path, name: str, weights: str = "last", preset: str | None = None,
                store: Path | None = None) -> ModelInfo:
     progress = json.loads((run / "progress.json").read_text())
-    preset = preset or progress.get("preset", "lite")
+    preset = preset or run_preset(run)
     model = build(PRESETS[preset], load_file(str(run / f"{weights}.safetensors")))
     stages = {k: {"steps": int(v["steps"]), "hours": round(v["seconds"] / 3600, 3)}
               for k, v in progress.items() if isinstance(v, dict)}

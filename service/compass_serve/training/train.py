@@ -377,5 +377,13 @@ class Trainer:
         self.save("last")
 
 
+def run_preset(run: Path) -> str:
+    """The preset a run directory was trained with (its progress.json; runs from before the
+    preset was recorded there are `lite`)."""
+    progress = run / "progress.json"
+    record = json.loads(progress.read_text()) if progress.exists() else {}
+    return str(record.get("preset", "lite"))
+
+
 def train(args: TrainArgs) -> None:
     Trainer(args).run()
