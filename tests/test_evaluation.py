@@ -62,6 +62,9 @@ def test_bd_over_a_subset_of_qualities(tmp_path: Path) -> None:
     assert out.strip().splitlines()[-1].endswith("-20.0 %")  # 1/1.25 of the other's bits
     bad = subprocess.run([*cmd, "--qualities", "9"], capture_output=True, text=True)
     assert bad.returncode == 2 and "not in the result" in bad.stderr
+    gone = subprocess.run([*cmd, "--against", str(tmp_path / "missing.json")], capture_output=True,
+                          text=True)
+    assert gone.returncode == 2 and "missing.json" in gone.stderr and "Traceback" not in gone.stderr
 
 
 def test_evaluate_writes_every_table(tiny_codec: Codec, tmp_path: Path,

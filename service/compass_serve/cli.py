@@ -141,16 +141,16 @@ def cmd_bd(args: argparse.Namespace) -> int:
     from compass_serve.evaluation.bd import bd_rate
     from compass_serve.evaluation.run import summarize, top_layer
 
-    res = json.loads(Path(args.results).read_text())
     qs = [f"{q:g}" for q in args.qualities] if args.qualities else None
     try:
-        table = summarize(res, qs)
+        res = json.loads(Path(args.results).read_text())
         top = top_layer(res, qs)
-    except KeyError as exc:
-        print(f"error: {exc.args[0]}", file=sys.stderr)
+        table = summarize(res, qs)
+        others = {path: top_layer(json.loads(Path(path).read_text())) for path in args.against}
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
-    for path in args.against:
-        other = top_layer(json.loads(Path(path).read_text()))
+    for path, other in others.items():
         table[f"compass of {path}"] = bd_rate([p["bpp"] for p in other], [p["psnr"] for p in other],
                                               [p["bpp"] for p in top], [p["psnr"] for p in top])
     print(f"BD-rate of {res['model']} ({res['weights_id']}), qualities {qs or list(res['compass'])}, "
