@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 
 
 def rd_plot(res: dict, path: Path) -> None:
@@ -62,18 +63,23 @@ def heldout_series(rows: list[dict]) -> dict[tuple[str, bool], list[tuple[float,
 
 def learning_curve(rows: list[dict], path: Path, title: str) -> None:
     """Held-out PSNR per quality against training hours (dashed: the backbone stage)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     series = heldout_series(rows)
     qs = sorted({q for q, _ in series})
     for (q, backbone), pts in sorted(series.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--" if backbone else "o-", ms=3,
-                color=f"C{qs.index(q)}",
-                label=f"{q} backbone (single layer)" if backbone else f"{q} top layer")
+                color=f"C{qs.index(q)}")
     ax.set_xlabel("training hours (all stages)")
     ax.set_ylabel("held-out PSNR (dB)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    # One entry per quality (colour) and one per line style, outside the axes: a legend with a
+    # line per series hid the lowest curves.
+    handles = [Line2D([], [], color=f"C{i}", marker="o", ms=3, label=str(q))
+               for i, q in enumerate(qs)]
+    handles += [Line2D([], [], color="k", ls="-", label="top layer"),
+                Line2D([], [], color="k", ls="--", label="backbone (single layer)")]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
