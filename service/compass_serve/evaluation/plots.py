@@ -65,18 +65,17 @@ def learning_curve(rows: list[dict], path: Path, title: str) -> None:
     """Held-out PSNR per quality against training hours (dashed: the backbone stage)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     series = heldout_series(rows)
-    qs = sorted({q for q, _ in series})
+    colour = {q: f"C{i}" for i, q in enumerate(sorted({q for q, _ in series}))}
     for (q, backbone), pts in sorted(series.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--" if backbone else "o-", ms=3,
-                color=f"C{qs.index(q)}")
+                color=colour[q])
     ax.set_xlabel("training hours (all stages)")
     ax.set_ylabel("held-out PSNR (dB)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     # One entry per quality (colour) and one per line style, outside the axes: a legend with a
     # line per series hid the lowest curves.
-    handles = [Line2D([], [], color=f"C{i}", marker="o", ms=3, label=str(q))
-               for i, q in enumerate(qs)]
+    handles = [Line2D([], [], color=c, marker="o", ms=3, label=str(q)) for q, c in colour.items()]
     handles += [Line2D([], [], color="k", ls="-", label="top layer"),
                 Line2D([], [], color="k", ls="--", label="backbone (single layer)")]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
