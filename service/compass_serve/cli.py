@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from compass_serve.allocator import retain_freed_memory
 from compass_serve.client.errors import CompassError
 from compass_serve.codec import bitstream as bs
 
@@ -423,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        retain_freed_memory()  # COMPASS_HEAP_RETAIN_MIB; see compass_serve.allocator
         return args.func(args)
     except (ValueError, LookupError, OSError, CompassError) as exc:
         # Every user-facing failure (bad image, bad stream, wrong model, bad ladder) is a
