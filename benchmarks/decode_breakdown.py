@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from compass_serve.allocator import retain_freed_memory
 from compass_serve.codec import bitstream as bs
 from compass_serve.codec.coder import Codec
 from compass_serve.imageio import load_rgb
@@ -21,6 +22,7 @@ def main() -> None:
     ap.add_argument("--model", default="lite")
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
+    retain_freed_memory()  # as every compass-serve process runs (compass_serve.allocator)
     codec = Codec.load(a.model)
     model = codec.model
     stream = bs.Bitstream.parse(codec.encode(load_rgb(a.image)))

@@ -44,8 +44,10 @@ KODAK_IMAGE = REPO.parent / "shared" / "data" / "kodak" / "kodim23.png"
 def run_compass(a: argparse.Namespace) -> None:
     import uvicorn
 
+    from compass_serve.allocator import retain_freed_memory
     from compass_serve.server import Settings, create_app
 
+    retain_freed_memory()  # as `compass-serve serve` runs
     settings = Settings(data_dir=Path(a.data_dir), model=a.model, output_quality=a.quality,
                         model_store=Path(a.model_store) if a.model_store else None)
     uvicorn.run(create_app(settings), host="127.0.0.1", port=a.port, log_level="warning", access_log=False)

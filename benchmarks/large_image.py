@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from compass_serve.allocator import retain_freed_memory
 from compass_serve.codec import bitstream as bs
 from compass_serve.codec.coder import Codec
 from compass_serve.codec.registry import PRESETS, build, load_model
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--random", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
+    retain_freed_memory()  # as every compass-serve process runs (compass_serve.allocator)
     if a.threads:
         torch.set_num_threads(a.threads)
     w, h = (int(v) for v in a.size.split("x"))

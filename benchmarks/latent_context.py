@@ -16,6 +16,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from compass_serve.allocator import retain_freed_memory
 from compass_serve.codec.backbone import HyperpriorBackbone
 from compass_serve.codec.registry import load_model
 from compass_serve.training.data import list_images, load_all, resize, split_holdout
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--quality", type=float, default=3.0)
     a = ap.parse_args()
+    retain_freed_memory()  # as every compass-serve process runs (compass_serve.allocator)
     model, info = load_model(a.model)
     base, rc = model.base.codec, model.enhancement.residual
     assert isinstance(base, HyperpriorBackbone) and isinstance(rc, HyperpriorBackbone)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from compass_serve.allocator import retain_freed_memory
 from compass_serve.codec.coder import Codec
 from compass_serve.evaluation.bd import bd_rate
 from compass_serve.evaluation.run import psnr
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    retain_freed_memory()  # as every compass-serve process runs (compass_serve.allocator)
     torch.set_num_threads(a.threads)
     codec = Codec.load(a.model)
     steps = [int(s) for s in a.steps.split(",")]

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from compass_serve.allocator import retain_freed_memory
 from compass_serve.codec.registry import load_model
 from compass_serve.training.data import resize
 
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    retain_freed_memory()  # as every compass-serve process runs (compass_serve.allocator)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, info = load_model("lite")
