@@ -5,13 +5,14 @@
 
 `decode` (a 3-layer decode of one Kodak image, shipped weights, on the main thread as the CLI
 and the eval decode) and `train` (one joint training step: LIFF + RC forward and backward on a
-40 -> 72 -> 140 px chain, batch 8, as `compass-serve train --crop 160 --batch 8` runs): in one
-process, first with the untouched defaults, then alternating two settings set explicitly, so
-that drift in the machine's speed hits both equally: glibc's adapted defaults (what its own
-adaptation converges to after the first large frees: blocks over 32 MiB mapped separately, heap
-trimmed past 64 MiB) and the tuned heap. `service` (two decodes at once on pool threads, one
-torch thread each, as the HTTP service runs them): glibc fixes its arena count on the first
-thread's allocation, so this one alternates fresh processes, untouched and tuned at start-up.
+40 -> 72 -> 140 px chain, batch 8, as `compass-serve train --crop 160 --batch 8` runs): each in
+a fresh process, first with the untouched defaults (what every process ran before session 11),
+then alternating two settings set explicitly, so that drift in the machine's speed hits both
+equally: glibc's adapted defaults (what its own adaptation converges to after the first large
+frees: blocks over 32 MiB mapped separately, heap trimmed past 64 MiB) and the tuned heap.
+`service` (two decodes at once on pool threads, one torch thread each, as the HTTP service
+runs them): glibc fixes its arena count on the first thread's allocation, so this one
+alternates fresh processes, untouched and tuned at start-up.
 Prints medians, their ratio, resident memory, and page faults per call (a count, not a timing).
 """
 
@@ -165,25 +166,35 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--retain-mib", type=int, default=DEFAULT_RETAIN_MIB)
     ap.add_argument("--service-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["decode", "train"], default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.service_child is not None:
         service_child(a.image, a.service_child, a.rounds)
         return
-    work = set(a.workload.split(","))
-    torch.set_num_threads(a.threads)
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if work & {"decode", "train"}:
-        print(f"{a.threads} torch threads, shipped weights, {a.rounds} timed calls per setting")
-    if "decode" in work:
-        compare(f"3-layer decode of {a.image}", decode_workload(a.image), a.rounds,
-                a.retain_mib, libc)
-    if "train" in work:
-        compare("joint training step (batch 8, 160-px crops)", train_workload(), a.rounds,
-                a.retain_mib, libc)
-    if work & {"decode", "train"}:
-        print(f"peak RSS of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    if "service" in work:
-        compare_service(a.image, a.rounds, a.retain_mib)
+    if a.child is not None:
+        # A fresh process per workload: "untouched" must be glibc's state at start-up.
+        torch.set_num_threads(a.threads)
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        if a.child == "decode":
+            compare(f"3-layer decode of {a.image}", decode_workload(a.image), a.rounds,
+                    a.retain_mib, libc)
+        else:
+            compare("joint training step (batch 8, 160-px crops)", train_workload(), a.rounds,
+                    a.retain_mib, libc)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"  peak RSS of the process {peak:.0f} MiB")
+        return
+    work = a.workload.split(",")
+    print(f"{a.threads} torch threads (service: 1 each), shipped weights, {a.rounds} timed calls per setting")
+    for name in work:
+        if name == "service":
+            compare_service(a.image, a.rounds, a.retain_mib)
+        else:
+            sys.stdout.write(subprocess.run(
+                [sys.executable, __file__, "--child", name, "--image", a.image, "--rounds",
+                 str(a.rounds), "--threads", str(a.threads), "--retain-mib", str(a.retain_mib)],
+                capture_output=True, text=True, check=True).stdout)
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -3,12 +3,13 @@
 A decode or a training step allocates and frees hundreds of MB of feature maps and gradients.
 glibc serves every block over 32 MiB (and, until its threshold adapts, over 128 KiB) as a
 separate mapping and returns freed heap past 64 MiB to the kernel, so each decode or step
-page-faults and zero-fills that memory again: ~1.3 GB, over 300k page faults, per joint training
-step at batch 8, and ~70 MB per 3-layer Kodak decode (`benchmarks/allocator.py`). Serving all
-blocks from the heap and keeping up to `retain_mib` of freed heap for reuse removes that work;
-results are unchanged (same arithmetic, other addresses). The cost: the process keeps up to
-`retain_mib` resident between decodes, and a freed block below a live one is reused rather than
-returned until the block above it is freed.
+page-faults and zero-fills that memory again: ~380k page faults (1.5 GB) per joint training step
+at batch 8, ~40k per 3-layer Kodak decode. Serving all blocks from one arena's heap and keeping
+up to `retain_mib` of freed heap for reuse removes that work: 1.6x the training steps an hour
+and 9 % off a decode on session 11's machine (`benchmarks/allocator.py`). Results are unchanged
+(same arithmetic, other addresses). The cost: the process keeps up to `retain_mib` resident
+between calls (a training process ~0.8 GB more), and a freed block below a live one is reused
+rather than returned until the block above it is freed.
 
 This is process-wide, so the library never does it on import: `compass-serve` (every command:
 the service, the Celery worker, train, eval, encode, decode) calls `retain_freed_memory` at
