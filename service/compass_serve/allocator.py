@@ -73,7 +73,7 @@ def retain_freed_memory(retain_mib: int | None = None) -> bool:
     # maps), and one arena: a thread's own arena grows in 64 MiB heaps and maps anything larger
     # afresh, which is how the service decodes (in threads). Its allocations are few and large,
     # so sharing one arena's lock costs nothing measurable.
-    trim = min(mib * 1024 * 1024, 2**31 - 1)
+    trim = min(mib * 1024 * 1024, 2**31 - 1)  # mallopt takes a C int
     ok = all(mallopt(param, value) == 1 for param, value in
              ((_M_MMAP_MAX, 0), (_M_ARENA_MAX, 1), (_M_TRIM_THRESHOLD, trim)))
     if ok:
