@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/allocator.py [--workload decode,train,service] [--rounds 6]
 
 `decode` (a 3-layer decode of one Kodak image, shipped weights, on the main thread as the CLI
-and the eval decode) and `train` (one joint training step: LIFF + RC forward and backward on a
-40 -> 72 -> 140 px chain, batch 8, as `compass-serve train --crop 160 --batch 8` runs): each in
+and the eval decode) and `train` (the joint step of `benchmarks/train_step_breakdown.py`: LIFF +
+RC forward and backward on a 40 -> 72 -> 140 px chain, batch 8, as `compass-serve train --crop
+160 --batch 8` runs, gradients freed after it): each in
 a fresh process, first with the untouched defaults (what every process ran before session 11),
 then alternating two settings set explicitly, so that drift in the machine's speed hits both
 equally: glibc's adapted defaults (what its own adaptation converges to after the first large
@@ -19,8 +20,6 @@ Prints medians, their ratio, resident memory, and page faults per call (a count,
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import resource
 import statistics
 import subprocess
@@ -29,14 +28,19 @@ import time
 from collections.abc import Callable
 
 import torch
+from train_step_breakdown import build_steps  # this folder: the joint step it times
 
-from compass_serve.allocator import DEFAULT_RETAIN_MIB, retain_freed_memory
+from compass_serve.allocator import (
+    DEFAULT_RETAIN_MIB,
+    M_MMAP_MAX,
+    M_MMAP_THRESHOLD,
+    M_TRIM_THRESHOLD,
+    mallopt,
+    retain_freed_memory,
+)
 from compass_serve.codec.coder import Codec
-from compass_serve.codec.registry import load_model
 from compass_serve.imageio import load_rgb
-from compass_serve.training.data import resize
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 MIB = 1024 * 1024
 
 
@@ -53,31 +57,6 @@ def decode_workload(image: str) -> Callable[[], None]:
     codec = Codec.load("lite")
     data = codec.encode(load_rgb(image))
     return lambda: codec.decode(data)
-
-
-def train_workload() -> Callable[[], None]:
-    torch.manual_seed(0)
-    model, _ = load_model("lite")
-    model.train()
-    for p in model.enhancement.parameters():
-        p.requires_grad_(True)
-    crop = torch.rand(8, 3, 160, 160)
-    chain = [resize(crop, (s, s)).clamp(0, 1) for s in (40, 72, 140)]
-    q = torch.randint(0, model.qualities, (8,))
-    with torch.no_grad():
-        lower = model.base(chain[0], q)["x_hat"]
-
-    def step() -> None:
-        x, loss = lower, torch.zeros(())
-        for image in chain[1:]:
-            out = model.enhancement(x, image, q)
-            bits = sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values())
-            loss = loss + bits / image.numel() + 100 * (out["x_hat"] - image).square().mean()
-            x = out["x_hat"]
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    return step
 
 
 def service_child(image: str, retain_mib: int, rounds: int) -> None:
@@ -119,8 +98,17 @@ def compare_service(image: str, rounds: int, retain_mib: int) -> None:
     print(f"  ratio tuned / defaults: {med[retain_mib] / med[0]:.3f}")
 
 
-def compare(name: str, fn: Callable[[], None], rounds: int, retain_mib: int,
-            libc: ctypes.CDLL) -> None:
+def glibc_adapted_defaults() -> None:
+    import ctypes
+    import ctypes.util
+
+    mallopt(M_MMAP_MAX, 65536)
+    mallopt(M_MMAP_THRESHOLD, 32 * MIB)
+    mallopt(M_TRIM_THRESHOLD, 64 * MIB)
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+
+def compare(name: str, fn: Callable[[], None], rounds: int, retain_mib: int) -> None:
     fn()  # warm-up: weights paged in, oneDNN primitives built
     counts: dict[str, int] = {}
 
@@ -137,10 +125,7 @@ def compare(name: str, fn: Callable[[], None], rounds: int, retain_mib: int,
     for _ in range(rounds):
         for setting in ("adapted", "retained"):
             if setting == "adapted":
-                libc.mallopt(_M_MMAP_MAX, 65536)
-                libc.mallopt(_M_MMAP_THRESHOLD, 32 * MIB)
-                libc.mallopt(_M_TRIM_THRESHOLD, 64 * MIB)
-                libc.malloc_trim(0)
+                glibc_adapted_defaults()
             else:
                 retain_freed_memory(retain_mib)
             fn()  # the first call after a switch refills (or trims) the heap
@@ -174,13 +159,12 @@ def main() -> None:
     if a.child is not None:
         # A fresh process per workload: "untouched" must be glibc's state at start-up.
         torch.set_num_threads(a.threads)
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
         if a.child == "decode":
             compare(f"3-layer decode of {a.image}", decode_workload(a.image), a.rounds,
-                    a.retain_mib, libc)
+                    a.retain_mib)
         else:
-            compare("joint training step (batch 8, 160-px crops)", train_workload(), a.rounds,
-                    a.retain_mib, libc)
+            compare("joint training step (benchmarks/train_step_breakdown.py's)",
+                    build_steps()[1]["joint"], a.rounds, a.retain_mib)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"  peak RSS of the process {peak:.0f} MiB")
         return

@@ -28,13 +28,8 @@ def timed(fn: Callable[[], None], repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    retain_freed_memory()  # as every compass-serve process runs (compass_serve.allocator)
-    torch.set_num_threads(args.threads)
+def build_steps() -> tuple[str, dict[str, Callable[[], None]]]:
+    """The shipped model's name and sha, and one forward+backward of each kind (seeded)."""
     torch.manual_seed(0)
     model, info = load_model("lite")
     model.train()
@@ -53,11 +48,13 @@ def main() -> None:
     def liff_only() -> None:
         mid = enh.liff(base, (72, 72))
         (enh.liff(mid, (140, 140)).sum() + mid.sum()).backward()
+        enh.zero_grad(set_to_none=True)  # as the optimizer loop does: gradients freed each step
 
     def joint() -> None:
         lo = enh(base, images[1], q)
         hi = enh(lo["x_hat"], images[2], q)
         (rd(lo) + rd(hi)).backward()
+        enh.zero_grad(set_to_none=True)
 
     def residual() -> None:  # the residual stage: LIFF's prediction without a graph
         lower, loss = base, torch.zeros(())
@@ -68,9 +65,22 @@ def main() -> None:
             loss = loss + rd(out)
             lower = pred + out["x_hat"]
         loss.backward()
+        enh.zero_grad(set_to_none=True)
 
-    t_liff, t_joint, t_res = (timed(f, args.repeats) for f in (liff_only, joint, residual))
-    print(f"model {info.name} ({info.sha256[:16]}), batch 8, chain 40->72->140, "
+    return f"{info.name} ({info.sha256[:16]})", {"liff": liff_only, "joint": joint,
+                                                 "residual": residual}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    retain_freed_memory()  # as every compass-serve process runs (compass_serve.allocator)
+    torch.set_num_threads(args.threads)
+    name, steps = build_steps()
+    t_liff, t_joint, t_res = (timed(steps[k], args.repeats) for k in ("liff", "joint", "residual"))
+    print(f"model {name}, batch 8, chain 40->72->140, "
           f"torch threads {args.threads}")
     print(f"LIFF forward+backward (both layers): {t_liff:.2f} s")
     print(f"joint step (LIFF + RC trained):      {t_joint:.2f} s")
