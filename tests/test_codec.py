@@ -277,3 +277,33 @@ def test_a_widened_model_codes_its_old_rate_points_exactly_as_before(tiny_codec:
         new = bs.Bitstream.parse(wide.encode(img, quality=q + 2)).payloads
         assert [bytes(p) for p in old] == [bytes(p) for p in new]
     assert wide.decode(wide.encode(img, quality=8.0)).image.size == (96, 64)  # new levels code
+
+
+def test_widening_the_latent_keeps_the_codes_and_lets_the_extra_channels_learn() -> None:
+    from compass_serve.codec.backbone import BackboneConfig, HyperpriorBackbone, widen_latent
+
+    torch.manual_seed(0)
+    old = HyperpriorBackbone(BackboneConfig(n=16, m=24)).eval()
+    old.update()
+    new = HyperpriorBackbone(BackboneConfig(n=16, m=40))
+    widen_latent(old, new)
+    new.eval()
+    x = torch.rand(1, 3, 48, 64) - 0.5  # a residual: signed
+    for q in (1.0, 2.5, 4.0):
+        a, b = old.compress(x, q), new.compress(x, q)
+        assert torch.equal(a.x_hat, b.x_hat)
+        assert a.strings[0] == b.strings[0]  # the hyper-latent: the same symbols
+        assert len(b.strings[1]) <= len(a.strings[1]) + 2  # zeros in the new channels: ~0 bits
+        decoded = new.decompress(b.strings, (48, 64), q)
+        assert torch.allclose(decoded, a.x_hat, atol=1e-5)
+    # The distortion's gradient reaches the new channels' analysis rows (the rate alone would
+    # only ever push them back to zero).
+    new.train()
+    out = new(x, torch.tensor([3]))
+    ((out["x_hat"] - x) ** 2).mean().backward()
+    grad = new.g_a.stages[-1].conv.weight.grad
+    assert grad is not None and grad[24:].abs().sum() > 0
+    with pytest.raises(ValueError, match="widen"):
+        widen_latent(new, old)
+    with pytest.raises(ValueError, match="widen"):
+        widen_latent(old, HyperpriorBackbone(BackboneConfig(n=32, m=40)))

@@ -164,3 +164,41 @@ def test_export_records_the_validation_row_of_the_exported_weights(tmp_path: Pat
     assert info.manifest["training"]["validation"]["q1_psnr"] == 28.0
     assert export_run(run, "tiny", weights="last", store=tmp_path / "store").manifest[
         "training"]["validation"]["q1_psnr"] == 29.0
+
+
+def test_init_from_a_narrower_residual_latent_widens_it_and_trains_a_new_cycle(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--init-from a checkpoint of a preset with fewer residual latent channels: everything
+    else carried over unchanged, the old channels in place, Adam fresh; --cycle-minutes starts
+    the learning-rate schedule afresh at the carried hours."""
+    from dataclasses import replace
+
+    from compass_serve.codec.registry import PRESETS
+
+    tiny = PRESETS["tiny"]
+    monkeypatch.setitem(PRESETS, "tiny-rc", replace(tiny, residual=replace(tiny.residual, m=40)))
+    Trainer(args(data, tmp_path / "a", "joint")).run()
+    source = Trainer(args(data, tmp_path / "a", "joint"))
+    t = Trainer(args(data, tmp_path / "b", "joint", preset="tiny-rc", minutes=0.09,
+                     cycle_minutes=0.06, init_from=str(tmp_path / "a" / "last.safetensors")))
+    old, new = source.model.state_dict(), t.model.state_dict()
+    assert new["enhancement.residual.log_gain"].shape == (4, 40)
+    for key in old:
+        if key.startswith("enhancement.residual.g_a.stages.3."):  # the latent's analysis rows
+            assert torch.equal(new[key][:24], old[key]), key
+        elif not key.startswith("enhancement.residual.") or "entropy_bottleneck" in key:
+            assert torch.equal(new[key], old[key]), key
+    assert t.progress["joint"] == source.progress["joint"]
+    assert t.start_lr == 0.0 and not t.opt.state
+    carried = t.progress["joint"]["seconds"]
+    assert 0.03 * 60 <= carried < 0.03 * 60 + 5
+    # The schedule's clock: full rate for the cycle's first 60 %, whatever the carried hours.
+    assert t.schedule_frac(carried) == pytest.approx(max(0.0, carried - 0.03 * 60) / (0.06 * 60))
+    assert t.schedule_frac(0.09 * 60) == pytest.approx(1.0)
+    assert Trainer(args(data, tmp_path / "c", "joint", minutes=0.1)).schedule_frac(3.0) == 0.5
+    before = params(t)
+    t.run()
+    rows = "enhancement.residual.g_a.stages.3.conv.weight"
+    assert not torch.equal(before[rows][24:], params(t)[rows][24:])
+    assert json.loads((tmp_path / "b" / "progress.json").read_text())["preset"] == "tiny-rc"

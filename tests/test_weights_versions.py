@@ -100,3 +100,25 @@ def test_stream_header_names_the_weights(tmp_path: Path) -> None:
     codec = Codec.load("tiny", tmp_path)
     header = bs.parse_header(codec.encode(photo(32, 24)))
     assert (header.model, header.weights_id) == ("tiny", codec.weights_id)
+
+
+def test_shipped_weights_store_large_tensors_as_float16_and_code_as_the_saved_model(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(5)
+    model = build(PRESETS["tiny"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = save_model(model, "tiny", "tiny", tmp_path)
+    stored = load_file(str(info.path))
+    dtypes = {k: v.dtype for k, v in stored.items()}
+    conv = "enhancement.residual.g_a.stages.1.conv.weight"  # 16 x 16 x 5 x 5
+    assert dtypes[conv] == torch.float16
+    assert dtypes["enhancement.residual.log_gain"] == torch.float32  # small: exact
+    assert dtypes["base.codec.gaussian_conditional._quantized_cdf"] == torch.int32
+    # The saved model now holds the stored values (within float16's rounding of the old ones).
+    assert torch.equal(model.state_dict()[conv], stored[conv].float())
+    assert torch.allclose(before[conv], stored[conv].float(), rtol=1e-3, atol=1e-6)
+    img = photo(64, 40)
+    saved = Codec(model, "tiny", info.weights_id)
+    assert Codec.load("tiny", tmp_path).encode(img, widths=[16, 64]) == saved.encode(
+        img, widths=[16, 64])

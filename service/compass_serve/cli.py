@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             lr=args.lr, batch=args.batch, crop=args.crop, seed=args.seed, device=args.device,
             threads=args.threads, resume=not args.fresh, init_from=args.init_from,
             warmup_steps=args.warmup_steps, val_minutes=args.val_minutes,
-            checkpoint_minutes=args.checkpoint_minutes,
+            checkpoint_minutes=args.checkpoint_minutes, cycle_minutes=args.cycle_minutes,
         ))
     return 0
 
@@ -325,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-minutes", type=float, default=5.0,
                    help="held-out validation (and a learning-curve snapshot) every N minutes")
     t.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    t.add_argument("--cycle-minutes", type=float, default=0.0,
+                   help="the learning-rate schedule (hold, then cosine to 5%%) spans only the "
+                        "budget's last N minutes: a new cycle on a stage that already has hours, "
+                        "e.g. after --init-from widened the model (0: the whole budget)")
     t.add_argument("--init-from", default=None, metavar="MODEL|CHECKPOINT",
                    help="when the run directory is empty, start from this shipped model, or from "
                         "another run's .safetensors checkpoint with its record and optimizer state")

@@ -302,6 +302,47 @@ class FactorizedBackbone(Backbone):
         return self.synthesize(y_hat.to(device) * self.inv_gain(quality), size)
 
 
+@torch.no_grad()
+def widen_latent(old: HyperpriorBackbone, new: HyperpriorBackbone) -> None:
+    """Load `old` into `new`, a hyperprior backbone with more latent channels (same n and levels).
+
+    `new` then codes as `old` did: the extra channels start switched off. Their analysis rows are
+    so small that the latent rounds to 0, and their entropy parameters start at scale 0 (the
+    coder's lower bound: a 0 costs ~0 bits) and mean 0, so the synthesis sees zeros there; its
+    rows for them are random at the old rows' scale, so that the distortion's straight-through
+    gradient reaches the analysis rows (zero synthesis rows would never let them grow). The
+    hyper-analysis reads nothing from them yet, and the hyper-synthesis's new hidden units feed
+    only new outputs. Training then decides what the extra capacity is worth."""
+    m, m2 = old.cfg.m, new.cfg.m
+    if not (isinstance(old, HyperpriorBackbone) and isinstance(new, HyperpriorBackbone)) or (
+            old.cfg.n, old.cfg.qualities, old.cfg.in_channels) != (
+            new.cfg.n, new.cfg.qualities, new.cfg.in_channels) or m2 <= m:
+        raise ValueError(f"can only widen a hyperprior latent ({old.cfg} -> {new.cfg})")
+    mid = old.h_s.up2.out_channels
+    src = dict(old.named_parameters())
+    for key, value in new.named_parameters():
+        o = src[key]
+        value[tuple(slice(0, s) for s in o.shape)] = o  # equal shapes: a plain copy
+    ga = new.g_a.stages[-1].conv
+    ga.weight[m:] = torch.randn_like(ga.weight[m:]) * 0.02 * ga.weight[:m].std()
+    ga.bias[m:] = 0
+    gs = new.g_s.stages[0].conv.weight
+    gs[m:] = torch.randn_like(gs[m:]) * gs[:m].std()
+    for table in (new.log_gain, new.log_inv_gain):
+        table[:, m:] = table[:, :m].mean(dim=1, keepdim=True)
+    new.h_a[0].weight[:, m:] = 0
+    new.h_s.up2.weight[m:, :mid] = 0
+    # h_s.out emits [scales | means]: the old rows move to the front of each half.
+    out, old_out = new.h_s.out, old.h_s.out
+    out.weight.zero_()
+    out.bias.zero_()
+    out.weight[:m, :mid] = old_out.weight[:m]
+    out.weight[m2 : m2 + m, :mid] = old_out.weight[m:]
+    out.bias[:m] = old_out.bias[:m]
+    out.bias[m2 : m2 + m] = old_out.bias[m:]
+    new.update()  # the coder's tables follow from the copied quantiles and the scale table
+
+
 def build_backbone(cfg: BackboneConfig) -> Backbone:
     if cfg.entropy == "hyperprior":
         return HyperpriorBackbone(cfg)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,6 +38,10 @@ PRESETS: dict[str, CompassConfig] = {
     # lite on the wide rate ladder (8 levels, for about 0.1-1 bpp); `train --init-from lite` starts
     # it from the four-level weights with their gains regridded (`regrid_gains`).
     "lite-wide": _LITE.with_lambdas(WIDE_LAMBDAS),
+    # lite-wide with twice the residual codec's latent channels (the top layer's bits are most of
+    # a stream's); `train --init-from` widens lite-wide weights to it (`widen_latent`).
+    "lite-wide-rc192": replace(
+        _LITE, residual=replace(_LITE.residual, m=192)).with_lambdas(WIDE_LAMBDAS),
     # The paper's sizes: mbt2018-mean N=128, M=192; RDN 64 ch, 4x4 convs, growth 32; MLP 4x256.
     "paper": CompassConfig(
         base=BackboneConfig(n=128, m=192),
@@ -129,6 +133,18 @@ def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
+# Shipped weights store large float tensors (convolutions, LIFF's layers) as float16: half the
+# bytes, so a model with twice the residual latent still fits a 16 MiB file, while the codes move
+# by a few bytes and ~0.005 dB on Kodak. Small tensors (gains, GDN, the entropy models' quantiles
+# and scale table) stay float32 and the CDF tables integer; loading casts back to float32.
+HALF_MIN_NUMEL = 1024
+
+
+def shipped_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.half() if v.dtype == torch.float32 and v.numel() >= HALF_MIN_NUMEL else v
+            for k, v in state_dict_for_save(model).items()}
+
+
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load weights, resizing the entropy models' CDF buffers (empty until `update()`)."""
     own = dict(model.named_buffers())
@@ -172,15 +188,18 @@ def load_model(
 def save_model(
     model: Compass, name: str, preset: str, store: Path | None = None, **manifest: object
 ) -> ModelInfo:
-    """Write `<name>.safetensors` (CDF tables refreshed) and its manifest into a model store."""
+    """Write `<name>.safetensors` (CDF tables refreshed, `shipped_state`) and its manifest into a
+    model store; `model` is left holding exactly the weights written."""
     store = store or default_store()
     store.mkdir(parents=True, exist_ok=True)
     model.update()
+    state = shipped_state(model)
+    load_state(model, state)
     weights = store / f"{name}.safetensors"
     tmp = weights.with_suffix(".tmp")
     # One metadata key: safetensors writes its metadata map in a per-process random order, so
     # two keys gave the same weights two different files (and weights ids) at random.
-    save_file(state_dict_for_save(model), str(tmp),
+    save_file(state, str(tmp),
               metadata={"compass": json.dumps({"name": name, "preset": preset}, sort_keys=True)})
     if sha256_file(tmp) != _current_sha(name, store):
         archive_model(name, store)

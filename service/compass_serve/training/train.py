@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from compass_serve.codec.backbone import regrid_gains
+from compass_serve.codec.backbone import regrid_gains, widen_latent
 from compass_serve.codec.liff import Liff
-from compass_serve.codec.model import Compass
+from compass_serve.codec.model import Compass, CompassConfig
 from compass_serve.codec.registry import PRESETS, load_model, load_state, state_dict_for_save
 from compass_serve.training.data import CropSampler, list_images, load_all, resize, split_holdout
 
@@ -60,6 +60,9 @@ class TrainArgs:
     # Where to start when the run dir is empty: a model-store name, or another run's
     # .safetensors checkpoint (its progress.json and Adam state beside it carry on).
     init_from: str | None = None
+    # > 0: the learning-rate schedule spans only the budget's last `cycle_minutes` (a new cycle
+    # at full rate on a stage that already has hours; 0: the schedule spans the whole budget).
+    cycle_minutes: float = 0.0
 
 
 def pick_device(name: str) -> torch.device:
@@ -146,19 +149,24 @@ class Trainer:
                 record = json.loads((src.parent / "progress.json").read_text())
                 self.progress = {k: {"steps": v["steps"], "seconds": v["seconds"]}
                                  for k, v in record.items() if k in STAGES}
-                lambdas = PRESETS[record.get("preset", self.args.preset)].lambdas
+                source = PRESETS[record.get("preset", self.args.preset)]
             else:
                 model, info = load_model(self.args.init_from)
                 state = {k: v.to(self.device) for k, v in model.state_dict().items()}
                 stages = info.manifest.get("training", {}).get("stages", {})
                 self.progress = {k: {"steps": v["steps"], "seconds": v["hours"] * 3600}
                                  for k, v in stages.items()}
-                lambdas = model.cfg.lambdas
-            if lambdas != self.cfg.lambdas:
+                source = model.cfg
+            if source.lambdas != self.cfg.lambdas:
                 # Another rate ladder: gains regridded; Adam moments do not fit the new tables.
-                state = regrid_gains(state, lambdas, self.cfg.lambdas)
+                state = regrid_gains(state, source.lambdas, self.cfg.lambdas)
                 self.source_run = None
-                log.info("gains regridded from %s to %s", lambdas, self.cfg.lambdas)
+                log.info("gains regridded from %s to %s", source.lambdas, self.cfg.lambdas)
+            if source.residual.m != self.cfg.residual.m:
+                state = self._widen_residual(state, source)
+                self.source_run = None
+                log.info("residual latent widened from %d to %d channels",
+                         source.residual.m, self.cfg.residual.m)
             load_state(self.model, state)
             self.progress["residual_init"] = True
             log.info("initialised from %s: %s", self.args.init_from, self.progress)
@@ -174,6 +182,19 @@ class Trainer:
                 load_state(rc, base.state_dict())
                 log.info("residual codec initialised from the backbone")
             self.progress["residual_init"] = True
+
+    def _widen_residual(
+        self, state: dict[str, torch.Tensor], source: CompassConfig
+    ) -> dict[str, torch.Tensor]:
+        """`state` (of config `source`, gains already on this ladder) with its residual codec
+        widened to this preset's latent: the same codes to start with (`widen_latent`)."""
+        narrow = Compass(source.with_lambdas(self.cfg.lambdas)).to(self.device)
+        load_state(narrow, state)
+        rc = self.model.enhancement.residual
+        widen_latent(narrow.enhancement.residual, rc)
+        prefix = "enhancement.residual."
+        return {**{k: v for k, v in state.items() if not k.startswith(prefix)},
+                **{prefix + k: v for k, v in rc.state_dict().items()}}
 
     def save(self, name: str = "last") -> None:
         self.model.update()
@@ -206,6 +227,15 @@ class Trainer:
         s = min(side, h, w)
         y0, x0 = (h - s) // 2, (w - s) // 2
         return x[None, :, y0 : y0 + s, x0 : x0 + s].float().div(255).to(self.device)
+
+    def schedule_frac(self, seconds: float) -> float:
+        """How far the learning-rate schedule is after `seconds` of this stage: through the whole
+        budget, or with `cycle_minutes` through its last `cycle_minutes` only."""
+        budget = self.args.minutes * 60
+        cycle = self.args.cycle_minutes * 60
+        if not 0 < cycle < budget:
+            return seconds / budget
+        return max(0.0, seconds - (budget - cycle)) / cycle
 
     def lr_at(self, frac: float, session_steps: int = 0) -> float:
         """Held, then cosine to 5% over the last 40% of the budget, reached by a linear warm-up."""
@@ -332,7 +362,7 @@ class Trainer:
             t_prev = time.monotonic()
             session_steps = 0
             while st["seconds"] < budget:
-                lr = self.lr_at(st["seconds"] / budget, session_steps)
+                lr = self.lr_at(self.schedule_frac(st["seconds"]), session_steps)
                 session_steps += 1
                 for g in self.opt.param_groups:
                     g["lr"] = lr
