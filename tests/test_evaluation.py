@@ -65,6 +65,11 @@ def test_bd_over_a_subset_of_qualities(tmp_path: Path) -> None:
     gone = subprocess.run([*cmd, "--against", str(tmp_path / "missing.json")], capture_output=True,
                           text=True)
     assert gone.returncode == 2 and "missing.json" in gone.stderr and "Traceback" not in gone.stderr
+    within = subprocess.run([*cmd, "--psnr", "26,29", "--against", str(other)],
+                            capture_output=True, text=True, check=True).stdout
+    assert "PSNR 26-29 dB" in within and within.strip().endswith("-20.0 %")
+    wrong = subprocess.run([*cmd, "--psnr", "29,26"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "LOW < HIGH" in wrong.stderr
 
 
 def test_evaluate_writes_every_table(tiny_codec: Codec, tmp_path: Path,
@@ -221,3 +226,16 @@ def test_heldout_plot_keeps_backbone_rows_apart(tmp_path: Path) -> None:
     out = tmp_path / "curve.png"
     learning_curve(rows, out, "t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bd_rate_within_a_psnr_interval() -> None:
+    rates = [0.1, 0.2, 0.4, 0.8, 1.6]
+    psnrs = [25.0, 27.0, 29.0, 31.0, 33.0]
+    # The test curve is 10 % cheaper below 29 dB and 30 % dearer above: the interval decides.
+    test = [r * (0.9 if p < 29 else 1.3 if p > 29 else 1.0) for r, p in zip(rates, psnrs, strict=True)]
+    whole = bd_rate(rates, psnrs, test, psnrs)
+    low = bd_rate(rates, psnrs, test, psnrs, within=(25.0, 28.0))
+    high = bd_rate(rates, psnrs, test, psnrs, within=(30.0, 40.0))  # clipped to the overlap
+    assert low < whole < high
+    assert bd_rate(rates, psnrs, rates, psnrs, within=(26.0, 30.0)) == pytest.approx(0.0, abs=1e-9)
+    assert np.isnan(bd_rate(rates, psnrs, test, psnrs, within=(34.0, 35.0)))

@@ -146,16 +146,21 @@ def cmd_bd(args: argparse.Namespace) -> int:
     try:
         res = json.loads(Path(args.results).read_text())
         top = top_layer(res, qs)
-        table = summarize(res, qs)
+        within = tuple(args.psnr) if args.psnr else None
+        if within is not None and (len(within) != 2 or within[0] >= within[1]):
+            raise ValueError(f"--psnr needs LOW,HIGH with LOW < HIGH, got {args.psnr}")
+        table = summarize(res, qs, within)
         others = {path: top_layer(json.loads(Path(path).read_text())) for path in args.against}
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
     for path, other in others.items():
         table[f"compass of {path}"] = bd_rate([p["bpp"] for p in other], [p["psnr"] for p in other],
-                                              [p["bpp"] for p in top], [p["psnr"] for p in top])
+                                              [p["bpp"] for p in top], [p["psnr"] for p in top],
+                                              within)
     print(f"BD-rate of {res['model']} ({res['weights_id']}), qualities {qs or list(res['compass'])}, "
-          "top layer, cumulative bits (negative = fewer bits):")
+          + (f"PSNR {within[0]:g}-{within[1]:g} dB, " if within else "")
+          + "top layer, cumulative bits (negative = fewer bits):")
     for k, v in table.items():
         print(f"  {k:28} " + ("n/a" if v != v else f"{v:+.1f} %"))
     return 0
@@ -356,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="e.g. 3,4,5,6: compare on the rate range another model covers")
     bd.add_argument("--against", action="append", default=[], metavar="RESULTS",
                     help="another eval's results.json: its COMPASS top layer as one more anchor")
+    bd.add_argument("--psnr", type=_floats, default=None, metavar="LOW,HIGH",
+                    help="integrate over this PSNR interval only (within the curves' overlap): "
+                         "compares models whose rate points moved over the same PSNRs")
     bd.set_defaults(func=cmd_bd)
 
     cu = sub.add_parser("curve", help="learning curve: Kodak PSNR at a fixed rate vs hours")

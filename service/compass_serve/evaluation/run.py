@@ -233,9 +233,10 @@ class Evaluation:
         }
 
 
-def _bd(anchor: list[dict], test: list[dict]) -> float:
+def _bd(anchor: list[dict], test: list[dict],
+        within: tuple[float, float] | None = None) -> float:
     return bd_rate([p["bpp"] for p in anchor], [p["psnr"] for p in anchor],
-                   [p["bpp"] for p in test], [p["psnr"] for p in test])
+                   [p["bpp"] for p in test], [p["psnr"] for p in test], within)
 
 
 def top_layer(res: dict, qualities: Sequence[str] | None = None) -> list[dict]:
@@ -247,18 +248,20 @@ def top_layer(res: dict, qualities: Sequence[str] | None = None) -> list[dict]:
     return [res["compass"][q][-1] for q in qs]
 
 
-def summarize(res: dict, qualities: Sequence[str] | None = None) -> dict:
+def summarize(res: dict, qualities: Sequence[str] | None = None,
+              within: tuple[float, float] | None = None) -> dict:
     """BD-rates of COMPASS's top layer against every anchor on the default ladder, over
-    `qualities` (default: all that were evaluated; a subset compares models on a common range)."""
+    `qualities` (default: all that were evaluated; a subset compares models on a common range)
+    and, with `within`, over that PSNR interval only (see `bd_rate`)."""
     qs = list(qualities or res["compass"])
     top = top_layer(res, qs)
     out = {
-        "single_layer": _bd([res["single_layer"][q] for q in qs], top),
-        "simulcast": _bd([res["simulcast"][q][-1] for q in qs], top),
+        "single_layer": _bd([res["single_layer"][q] for q in qs], top, within),
+        "simulcast": _bd([res["simulcast"][q][-1] for q in qs], top, within),
     }
     for name, a in res.get("anchors", {}).items():
-        out[f"{name}_single"] = _bd(a["single"], top)
-        out[f"{name}_simulcast"] = _bd([s["layers"][-1] for s in a["simulcast"]], top)
+        out[f"{name}_single"] = _bd(a["single"], top, within)
+        out[f"{name}_simulcast"] = _bd([s["layers"][-1] for s in a["simulcast"]], top, within)
     return out
 
 
