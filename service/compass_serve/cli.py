@@ -139,8 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bd(args: argparse.Namespace) -> int:
-    from compass_serve.evaluation.bd import bd_rate
-    from compass_serve.evaluation.run import summarize, top_layer
+    from compass_serve.evaluation.run import bd_points, summarize, top_layer
 
     qs = [f"{q:g}" for q in args.qualities] if args.qualities else None
     try:
@@ -155,9 +154,7 @@ def cmd_bd(args: argparse.Namespace) -> int:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
     for path, other in others.items():
-        table[f"compass of {path}"] = bd_rate([p["bpp"] for p in other], [p["psnr"] for p in other],
-                                              [p["bpp"] for p in top], [p["psnr"] for p in top],
-                                              within)
+        table[f"compass of {path}"] = bd_points(other, top, within)
     print(f"BD-rate of {res['model']} ({res['weights_id']}), qualities {qs or list(res['compass'])}, "
           + (f"PSNR {within[0]:g}-{within[1]:g} dB, " if within else "")
           + "top layer, cumulative bits (negative = fewer bits):")

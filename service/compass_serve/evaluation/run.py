@@ -197,7 +197,7 @@ class Evaluation:
             sl = [single[f"{q:g}"] for q in self.qualities]
             res[f"{kind}-layer {f:g}x"] = {
                 "compass": comp, "simulcast": simul,
-                "bd_vs_simulcast": _bd(simul, comp), "bd_vs_single_layer": _bd(sl, comp),
+                "bd_vs_simulcast": bd_points(simul, comp), "bd_vs_single_layer": bd_points(sl, comp),
             }
         return res
 
@@ -233,8 +233,9 @@ class Evaluation:
         }
 
 
-def _bd(anchor: list[dict], test: list[dict],
-        within: tuple[float, float] | None = None) -> float:
+def bd_points(anchor: list[dict], test: list[dict],
+              within: tuple[float, float] | None = None) -> float:
+    """`bd_rate` of two curves given as points ({"bpp", "psnr"}, e.g. eval results)."""
     return bd_rate([p["bpp"] for p in anchor], [p["psnr"] for p in anchor],
                    [p["bpp"] for p in test], [p["psnr"] for p in test], within)
 
@@ -256,12 +257,12 @@ def summarize(res: dict, qualities: Sequence[str] | None = None,
     qs = list(qualities or res["compass"])
     top = top_layer(res, qs)
     out = {
-        "single_layer": _bd([res["single_layer"][q] for q in qs], top, within),
-        "simulcast": _bd([res["simulcast"][q][-1] for q in qs], top, within),
+        "single_layer": bd_points([res["single_layer"][q] for q in qs], top, within),
+        "simulcast": bd_points([res["simulcast"][q][-1] for q in qs], top, within),
     }
     for name, a in res.get("anchors", {}).items():
-        out[f"{name}_single"] = _bd(a["single"], top, within)
-        out[f"{name}_simulcast"] = _bd([s["layers"][-1] for s in a["simulcast"]], top, within)
+        out[f"{name}_single"] = bd_points(a["single"], top, within)
+        out[f"{name}_simulcast"] = bd_points([s["layers"][-1] for s in a["simulcast"]], top, within)
     return out
 
 
