@@ -134,9 +134,9 @@ def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # Shipped weights store large float tensors (convolutions, LIFF's layers) as float16: half the
-# bytes, so a model with twice the residual latent still fits a 16 MiB file, while the codes move
-# by a few bytes and ~0.005 dB on Kodak. Small tensors (gains, GDN, the entropy models' quantiles
-# and scale table) stay float32 and the CDF tables integer; loading casts back to float32.
+# bytes, so a model with twice the residual latent still fits a 16 MiB file; the eval measures the
+# file as stored. Small tensors (gains, GDN, the entropy models' quantiles and scale table) stay
+# float32 and the CDF tables integer; loading casts back to float32.
 HALF_MIN_NUMEL = 1024
 
 
