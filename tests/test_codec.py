@@ -279,6 +279,43 @@ def test_a_widened_model_codes_its_old_rate_points_exactly_as_before(tiny_codec:
     assert wide.decode(wide.encode(img, quality=8.0)).image.size == (96, 64)  # new levels code
 
 
+def test_widening_the_transforms_keeps_the_codes_and_lets_the_new_units_learn() -> None:
+    from compass_serve.codec.backbone import BackboneConfig, HyperpriorBackbone, widen
+
+    torch.manual_seed(0)
+    old = HyperpriorBackbone(BackboneConfig(n=16, m=24))
+    with torch.no_grad():  # trained-like gains: hundreds of bytes of latent, not a few zeros
+        old.log_gain += 4
+        old.log_inv_gain -= 4
+    old.eval()
+    old.update()
+    new = HyperpriorBackbone(BackboneConfig(n=16, m=24, n_analysis=32, n_synthesis=24))
+    widen(old, new)
+    new.eval()
+    assert new.g_a.stages[1].conv.weight.shape == (32, 32, 5, 5)
+    assert new.g_s.stages[1].conv.weight.shape == (24, 24, 5, 5)
+    x = torch.rand(1, 3, 48, 64) - 0.5
+    for q in (1.0, 2.5, 4.0):
+        a, b = old.compress(x, q), new.compress(x, q)
+        assert len(a.strings[1]) > 100
+        assert a.strings == b.strings
+        assert torch.allclose(a.x_hat, b.x_hat, atol=1e-5)
+        assert torch.allclose(new.decompress(b.strings, (48, 64), q), a.x_hat, atol=1e-5)
+    # The new units' outgoing weights start at zero, but their gradient does not.
+    new.train()
+    out = new(x, torch.tensor([3]))
+    ((out["x_hat"] - x) ** 2).mean().backward()
+    for stages, width in ((new.g_a.stages, 16), (new.g_s.stages, 16)):
+        for stage in stages[1:]:
+            grad = stage.conv.weight.grad
+            new_inputs = grad[:, width:] if isinstance(stage.conv, torch.nn.Conv2d) else grad[width:]
+            assert grad is not None and new_inputs.abs().sum() > 0
+    with pytest.raises(ValueError, match="widen"):
+        widen(new, old)
+    with pytest.raises(ValueError, match="widen"):
+        widen(old, HyperpriorBackbone(BackboneConfig(n=32, m=24, n_analysis=64)))
+
+
 def test_widening_the_latent_keeps_the_codes_and_lets_the_extra_channels_learn() -> None:
     from compass_serve.codec.backbone import BackboneConfig, HyperpriorBackbone, widen_latent
 

@@ -169,24 +169,27 @@ def test_export_records_the_validation_row_of_the_exported_weights(tmp_path: Pat
 def test_init_from_a_narrower_residual_latent_widens_it_and_trains_a_new_cycle(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--init-from a checkpoint of a preset with fewer residual latent channels: everything
-    else carried over unchanged, the old channels in place, Adam fresh; --cycle-minutes starts
-    the learning-rate schedule afresh at the carried hours."""
+    """--init-from a checkpoint of a preset with fewer residual latent channels and a narrower
+    residual analysis transform: everything else carried over unchanged, the old channels in
+    place, Adam fresh; --cycle-minutes starts the learning-rate schedule afresh at the carried
+    hours."""
     from dataclasses import replace
 
     from compass_serve.codec.registry import PRESETS
 
     tiny = PRESETS["tiny"]
-    monkeypatch.setitem(PRESETS, "tiny-rc", replace(tiny, residual=replace(tiny.residual, m=40)))
+    monkeypatch.setitem(PRESETS, "tiny-rc", replace(
+        tiny, residual=replace(tiny.residual, m=40, n_analysis=24)))
     Trainer(args(data, tmp_path / "a", "joint")).run()
     source = Trainer(args(data, tmp_path / "a", "joint"))
     t = Trainer(args(data, tmp_path / "b", "joint", preset="tiny-rc", minutes=0.09,
                      cycle_minutes=0.06, init_from=str(tmp_path / "a" / "last.safetensors")))
     old, new = source.model.state_dict(), t.model.state_dict()
     assert new["enhancement.residual.log_gain"].shape == (4, 40)
+    assert new["enhancement.residual.g_a.stages.1.conv.weight"].shape == (24, 24, 5, 5)
     for key in old:
-        if key.startswith("enhancement.residual.g_a.stages.3."):  # the latent's analysis rows
-            assert torch.equal(new[key][:24], old[key]), key
+        if key.startswith("enhancement.residual.g_a."):  # the old units, in place
+            assert torch.equal(new[key][tuple(slice(0, s) for s in old[key].shape)], old[key]), key
         elif not key.startswith("enhancement.residual.") or "entropy_bottleneck" in key:
             assert torch.equal(new[key], old[key]), key
     assert t.progress["joint"] == source.progress["joint"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
@@ -78,6 +78,18 @@ class BackboneConfig:
     in_channels: int = 3
     qualities: int = 4               # number of trained gain vectors (quality 1..qualities)
     entropy: str = "hyperprior"      # "hyperprior" (mean-scale) or "factorized"
+    # Hidden channels of the analysis / synthesis transforms where they differ from n: a wider
+    # analysis costs encode time only, paid once per image; the synthesis is paid per decode.
+    n_analysis: int | None = None
+    n_synthesis: int | None = None
+
+    @property
+    def analysis_width(self) -> int:
+        return self.n_analysis or self.n
+
+    @property
+    def synthesis_width(self) -> int:
+        return self.n_synthesis or self.n
 
 
 @dataclass
@@ -94,9 +106,9 @@ class Backbone(nn.Module):
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        n, m, c = cfg.n, cfg.m, cfg.in_channels
-        self.g_a = Analysis([c, n, n, n, m], GDN)
-        self.g_s = Synthesis([m, n, n, n, c], GDN)
+        na, ns, m, c = cfg.analysis_width, cfg.synthesis_width, cfg.m, cfg.in_channels
+        self.g_a = Analysis([c, na, na, na, m], GDN)
+        self.g_s = Synthesis([m, ns, ns, ns, c], GDN)
         # Gains start spread so that quality levels begin at different rates.
         spread = torch.linspace(-1.0, 1.0, cfg.qualities)[:, None].expand(cfg.qualities, m)
         self.log_gain = nn.Parameter(spread.clone())
@@ -341,6 +353,65 @@ def widen_latent(old: HyperpriorBackbone, new: HyperpriorBackbone) -> None:
     out.bias[:m] = old_out.bias[:m]
     out.bias[m2 : m2 + m] = old_out.bias[m:]
     new.update()  # the coder's tables follow from the copied quantiles and the scale table
+
+
+@torch.no_grad()
+def _widen_stack(old: Analysis | Synthesis, new: Analysis | Synthesis) -> None:
+    """Load `old` into `new`, the same stack with more hidden channels, as the same function.
+
+    Old units read nothing from new ones (zero weights, zero GDN couplings), so every old
+    activation and the output stay as they were. New units read the old ones through random
+    weights at the old ones' scale and feed the next layer through zeros: that next layer's
+    gradient is then non-zero at once (new activation x upstream gradient), so they grow in."""
+    for o, n in zip(old.stages, new.stages, strict=True):
+        w, v = o.conv.weight, n.conv.weight
+        out_axis = 1 if isinstance(o.conv, nn.ConvTranspose2d) else 0
+        fresh = torch.randn_like(v) * w.std()
+        keep = [slice(None)] * 4
+        keep[out_axis] = slice(0, w.shape[out_axis])
+        fresh[tuple(keep)] = 0  # old units: zero weight from the new inputs ...
+        fresh[tuple(slice(0, s) for s in w.shape)] = w  # ... and their own weights as before
+        v.copy_(fresh)
+        n.conv.bias.zero_()
+        n.conv.bias[: o.conv.bias.numel()] = o.conv.bias
+    for o, n in zip(old.acts, new.acts, strict=True):
+        if isinstance(o, GDN):  # fresh GDN: beta 1, gamma 0.1 on the diagonal, exactly 0 off it
+            c = o.beta.numel()
+            n.beta[:c] = o.beta
+            n.gamma[:c, :c] = o.gamma
+
+
+@torch.no_grad()
+def widen_transforms(old: Backbone, new: Backbone) -> None:
+    """Load `old` into `new`, a backbone whose analysis and/or synthesis transforms have more
+    hidden channels (all else equal): `new` then codes as `old` did, up to float rounding
+    (`_widen_stack`), and training decides what the extra units are worth."""
+    same = ("n", "m", "in_channels", "qualities", "entropy")
+    a, b = old.cfg, new.cfg
+    if (type(old) is not type(new) or [getattr(a, k) for k in same] != [getattr(b, k) for k in same]
+            or b.analysis_width < a.analysis_width or b.synthesis_width < a.synthesis_width
+            or (b.analysis_width, b.synthesis_width) == (a.analysis_width, a.synthesis_width)):
+        raise ValueError(f"can only widen the transforms' hidden channels ({a} -> {b})")
+    src = dict(old.named_parameters())
+    for key, value in new.named_parameters():
+        if not key.startswith(("g_a.", "g_s.")):
+            value.copy_(src[key])
+    _widen_stack(old.g_a, new.g_a)
+    _widen_stack(old.g_s, new.g_s)
+    new.update()
+
+
+def widen(old: Backbone, new: Backbone) -> None:
+    """Load `old` into the wider `new`: more latent channels (`widen_latent`), then wider
+    transforms (`widen_transforms`), whichever of the two the configs ask for."""
+    if new.cfg.m != old.cfg.m:
+        if new.cfg == replace(old.cfg, m=new.cfg.m):
+            widen_latent(old, new)  # type: ignore[arg-type]
+            return
+        step = build_backbone(replace(old.cfg, m=new.cfg.m))
+        widen_latent(old, step)  # type: ignore[arg-type]
+        old = step
+    widen_transforms(old, new)
 
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:

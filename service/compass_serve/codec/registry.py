@@ -42,6 +42,11 @@ PRESETS: dict[str, CompassConfig] = {
     # a stream's); `train --init-from` widens lite-wide weights to it (`widen_latent`).
     "lite-wide-rc192": replace(
         _LITE, residual=replace(_LITE.residual, m=192)).with_lambdas(WIDE_LAMBDAS),
+    # lite-wide-rc192 with a residual analysis transform twice as wide: encoder capacity costs
+    # encode time only; `train --init-from` widens lite-wide-rc192 weights to it
+    # (`widen_transforms`).
+    "lite-wide-rc192-ga128": replace(
+        _LITE, residual=replace(_LITE.residual, m=192, n_analysis=128)).with_lambdas(WIDE_LAMBDAS),
     # The paper's sizes: mbt2018-mean N=128, M=192; RDN 64 ch, 4x4 convs, growth 32; MLP 4x256.
     "paper": CompassConfig(
         base=BackboneConfig(n=128, m=192),

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from compass_serve.codec.backbone import regrid_gains, widen_latent
+from compass_serve.codec.backbone import regrid_gains, widen
 from compass_serve.codec.liff import Liff
 from compass_serve.codec.model import Compass, CompassConfig
 from compass_serve.codec.registry import PRESETS, load_model, load_state, state_dict_for_save
@@ -162,11 +162,10 @@ class Trainer:
                 state = regrid_gains(state, source.lambdas, self.cfg.lambdas)
                 self.source_run = None
                 log.info("gains regridded from %s to %s", source.lambdas, self.cfg.lambdas)
-            if source.residual.m != self.cfg.residual.m:
+            if source.with_lambdas(self.cfg.lambdas).residual != self.cfg.residual:
                 state = self._widen_residual(state, source)
                 self.source_run = None
-                log.info("residual latent widened from %d to %d channels",
-                         source.residual.m, self.cfg.residual.m)
+                log.info("residual codec widened from %s to %s", source.residual, self.cfg.residual)
             load_state(self.model, state)
             self.progress["residual_init"] = True
             log.info("initialised from %s: %s", self.args.init_from, self.progress)
@@ -187,11 +186,11 @@ class Trainer:
         self, state: dict[str, torch.Tensor], source: CompassConfig
     ) -> dict[str, torch.Tensor]:
         """`state` (of config `source`, gains already on this ladder) with its residual codec
-        widened to this preset's latent: the same codes to start with (`widen_latent`)."""
+        widened to this preset's: the same codes to start with (`widen`)."""
         narrow = Compass(source.with_lambdas(self.cfg.lambdas)).to(self.device)
         load_state(narrow, state)
         rc = self.model.enhancement.residual
-        widen_latent(narrow.enhancement.residual, rc)
+        widen(narrow.enhancement.residual, rc)
         prefix = "enhancement.residual."
         return {**{k: v for k, v in state.items() if not k.startswith(prefix)},
                 **{prefix + k: v for k, v in rc.state_dict().items()}}
