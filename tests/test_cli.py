@@ -64,6 +64,10 @@ def test_models_lists_the_store(tiny_store: Path) -> None:
     names = {m["name"]: m for m in models}
     assert {"tiny", "tiny-other"} <= set(names)
     assert len(names["tiny"]["sha256"]) == 64 and names["tiny"]["qualities"] == 4
+    assert (names["tiny"]["file"], names["tiny"]["encoder_file"]) == (
+        "tiny.safetensors", "tiny.encoder.safetensors")
+    text = cli(tiny_store, "models").stdout
+    assert "(tiny.safetensors, tiny.encoder.safetensors)" in text
 
 
 def test_errors_are_one_line_not_tracebacks(tiny_store: Path, tmp_path: Path) -> None:

@@ -23,8 +23,9 @@ def test_manifest_matches_weights() -> None:
     models = {m.name: m for m in list_models()}
     assert "lite" in models
     info = models["lite"]
-    assert sha256_file(info.path) == info.sha256
-    assert info.path.stat().st_size < 16 * 1024 * 1024
+    for path, sha256 in info.files:  # the decoder file and (since session 14) the encoder's
+        assert sha256_file(path) == sha256
+        assert path.stat().st_size < 16 * 1024 * 1024
     assert info.manifest["training"]["total_hours"] > 0
 
 

@@ -86,14 +86,16 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps([{"name": m.name, "preset": m.preset, "qualities": m.qualities,
                            "sha256": m.sha256, "weights_id": m.weights_id.hex(),
                            "archived": bool(m.manifest.get("archived")),
-                           "file": m.path.name} for m in models], indent=2))
+                           "file": m.path.name,
+                           "encoder_file": m.encoder_path.name if m.encoder_path else None}
+                          for m in models], indent=2))
         return 0
     if not models:
         print("no models in the model store")
         return 1
     for m in models:
         print(f"{m.name:10} preset={m.preset:6} qualities=1..{m.qualities} "
-              f"sha256={m.sha256[:16]}... ({m.path.name})"
+              f"sha256={m.sha256[:16]}... ({', '.join(p.name for p, _ in m.files)})"
               + (" [archived: decodes older streams]" if m.manifest.get("archived") else ""))
     return 0
 

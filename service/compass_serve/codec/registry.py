@@ -1,8 +1,11 @@
 """Model registry: the one place that knows presets, weight files and manifests.
 
-`model_store/<name>.safetensors` holds the weights (safetensors: no pickle), and
-`model_store/<name>.json` the manifest: preset, config, qualities, training record, data,
-sha256 of the weights and the evaluation figures they produced.
+`model_store/<name>.safetensors` holds the weights a decoder needs and
+`model_store/<name>.encoder.safetensors` the analysis transforms only an encoder runs (g_a, h_a;
+safetensors: no pickle), and `model_store/<name>.json` the manifest: preset, config, qualities,
+training record, data, sha256 of both files and the evaluation figures they produced. The split
+keeps each file under 16 MiB while the encoder grows (its capacity costs encode time only), and
+the decoder file alone is the weights' identity: a stream needs nothing else.
 
 Streams name the exact weights that coded them (the first 8 bytes of the sha256), so weights
 that are replaced are not deleted: `save_model` moves them to `model_store/archive/` as
@@ -83,11 +86,21 @@ class ModelInfo:
     sha256: str
     path: Path
     manifest: dict
+    # The analysis transforms' file; None for versions saved as one file (before session 14).
+    encoder_sha256: str | None = None
+    encoder_path: Path | None = None
 
     @property
     def weights_id(self) -> bytes:
         """8 bytes that the bitstream carries to pair a stream with these exact weights."""
         return bytes.fromhex(self.sha256)[:8]
+
+    @property
+    def files(self) -> tuple[tuple[Path, str], ...]:
+        """Every weights file with its sha256, decoder first."""
+        if self.encoder_path is None or self.encoder_sha256 is None:
+            return ((self.path, self.sha256),)
+        return (self.path, self.sha256), (self.encoder_path, self.encoder_sha256)
 
 
 def sha256_file(path: Path) -> str:
@@ -107,9 +120,12 @@ def _infos(folder: Path) -> list[ModelInfo]:
         d = json.loads(man.read_text())
         if "weights" not in d:
             continue
+        w, enc = d["weights"], d["weights"].get("encoder")
         out.append(ModelInfo(
             name=d["name"], preset=d["preset"], qualities=len(d["config"]["lambdas"]),
-            sha256=d["weights"]["sha256"], path=folder / d["weights"]["file"], manifest=d,
+            sha256=w["sha256"], path=folder / w["file"], manifest=d,
+            encoder_sha256=enc["sha256"] if enc else None,
+            encoder_path=folder / enc["file"] if enc else None,
         ))
     return out
 
@@ -150,6 +166,39 @@ def shipped_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for k, v in state_dict_for_save(model).items()}
 
 
+ENCODER_MODULES = frozenset({"g_a", "h_a"})  # the analysis transforms: run by encoders only
+ENCODER_SUFFIX = ".encoder"  # <name>.encoder.safetensors
+
+
+def split_state(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(decoder, encoder) halves of a state dict: the encoder half is every analysis transform's
+    tensors, the decoder half everything else (synthesis, hyper-synthesis, entropy models, LIFF)."""
+    decoder, encoder = {}, {}
+    for key, value in state.items():
+        (encoder if ENCODER_MODULES & set(key.split(".")) else decoder)[key] = value
+    return decoder, encoder
+
+
+def read_state(info: ModelInfo) -> dict[str, torch.Tensor]:
+    """All weights of a model version, every file verified against its manifest's sha256."""
+    return _read_files(info.name, info.files)
+
+
+def _read_files(name: str, files: tuple[tuple[Path, str], ...]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path, sha256 in files:
+        if not path.exists():
+            raise ModelNotFound(f"{path.name} (weights of model {name!r}) is missing from the "
+                                f"model store")
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise ValueError(f"{path.name}: sha256 {actual[:12]}... does not match the manifest")
+        state |= load_file(str(path))
+    return state
+
+
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load weights, resizing the entropy models' CDF buffers (empty until `update()`)."""
     own = dict(model.named_buffers())
@@ -169,12 +218,8 @@ def build(config: CompassConfig | dict, state: dict[str, torch.Tensor] | None = 
 
 
 @lru_cache(maxsize=4)
-def _load_cached(path: str, sha256: str, config_json: str) -> Compass:
-    p = Path(path)
-    actual = sha256_file(p)
-    if actual != sha256:
-        raise ValueError(f"{p.name}: sha256 {actual[:12]}... does not match the manifest")
-    model = build(json.loads(config_json), load_file(str(p)))
+def _load_cached(name: str, files: tuple[tuple[Path, str], ...], config_json: str) -> Compass:
+    model = build(json.loads(config_json), _read_files(name, files))
     for param in model.parameters():
         param.requires_grad_(False)
     return model
@@ -186,36 +231,44 @@ def load_model(
     """Load a shipped model by name, optionally an exact (possibly archived) version (cached per
     process; weights verified against the manifest)."""
     info = model_info(name, store, weights_id)
-    model = _load_cached(str(info.path), info.sha256, json.dumps(info.manifest["config"]))
+    model = _load_cached(info.name, info.files, json.dumps(info.manifest["config"]))
     return model, info
 
 
 def save_model(
     model: Compass, name: str, preset: str, store: Path | None = None, **manifest: object
 ) -> ModelInfo:
-    """Write `<name>.safetensors` (CDF tables refreshed, `shipped_state`) and its manifest into a
-    model store; `model` is left holding exactly the weights written."""
+    """Write `<name>.safetensors` and `<name>.encoder.safetensors` (CDF tables refreshed,
+    `shipped_state`, split by `split_state`) and the manifest into a model store; `model` is left
+    holding exactly the weights written. Replaced decoder weights move to the archive."""
     store = store or default_store()
     store.mkdir(parents=True, exist_ok=True)
     model.update()
     state = shipped_state(model)
     load_state(model, state)
-    weights = store / f"{name}.safetensors"
-    tmp = weights.with_suffix(".tmp")
     # One metadata key: safetensors writes its metadata map in a per-process random order, so
     # two keys gave the same weights two different files (and weights ids) at random.
-    save_file(state, str(tmp),
-              metadata={"compass": json.dumps({"name": name, "preset": preset}, sort_keys=True)})
-    if sha256_file(tmp) != _current_sha(name, store):
+    meta = {"compass": json.dumps({"name": name, "preset": preset}, sort_keys=True)}
+    tmps = []
+    for suffix, part in zip(("", ENCODER_SUFFIX), split_state(state), strict=True):
+        tmp = store / f"{name}{suffix}.tmp"
+        save_file(part, str(tmp), metadata=meta)
+        tmps.append((tmp, store / f"{name}{suffix}.safetensors"))
+    # Same decoder, same identity: streams coded before stay valid, so only a new decoder
+    # archives the current version (a retrained encoder alone just replaces its file).
+    if sha256_file(tmps[0][0]) != _current_sha(name, store):
         archive_model(name, store)
-    tmp.replace(weights)
-    weights.chmod(0o644)  # safetensors writes 0600; servers and workers may run as other users
+    entries = []
+    for tmp, final in tmps:
+        tmp.replace(final)
+        final.chmod(0o644)  # safetensors writes 0600; servers and workers may run as other users
+        entries.append({"file": final.name, "sha256": sha256_file(final),
+                        "bytes": final.stat().st_size})
     doc = {
         "name": name,
         "preset": preset,
         "config": model.cfg.to_dict(),
-        "weights": {"file": weights.name, "sha256": sha256_file(weights),
-                    "bytes": weights.stat().st_size},
+        "weights": entries[0] | {"encoder": entries[1]},
         **manifest,
     }
     (store / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -240,9 +293,12 @@ def archive_model(name: str, store: Path | None = None) -> ModelInfo | None:
     folder = store / ARCHIVE
     folder.mkdir(exist_ok=True)
     stem = f"{name}-{info.sha256[:16]}"
-    info.path.replace(folder / f"{stem}.safetensors")
-    doc = info.manifest | {"weights": info.manifest["weights"] | {"file": f"{stem}.safetensors"},
-                           "archived": True}
+    weights = info.manifest["weights"] | {"file": f"{stem}.safetensors"}
+    info.path.replace(folder / weights["file"])
+    if info.encoder_path is not None:
+        weights["encoder"] = weights["encoder"] | {"file": f"{stem}{ENCODER_SUFFIX}.safetensors"}
+        info.encoder_path.replace(folder / weights["encoder"]["file"])
+    doc = info.manifest | {"weights": weights, "archived": True}
     (folder / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     (store / f"{name}.json").unlink()
     _load_cached.cache_clear()
