@@ -205,3 +205,71 @@ def test_init_from_a_narrower_residual_latent_widens_it_and_trains_a_new_cycle(
     rows = "enhancement.residual.g_a.stages.3.conv.weight"
     assert not torch.equal(before[rows][24:], params(t)[rows][24:])
     assert json.loads((tmp_path / "b" / "progress.json").read_text())["preset"] == "tiny-rc"
+
+
+def test_bf16_autocast_keeps_entropy_models_and_loss_in_float32() -> None:
+    """`--precision bf16`: the transforms run in bfloat16, yet likelihoods, reconstructions and
+    the loss are float32 and the gradient points where the float32 one does."""
+    from compass_serve.codec.model import Compass
+    from compass_serve.codec.registry import PRESETS
+    from compass_serve.training.train import bits, mse_per_sample
+
+    torch.manual_seed(0)
+    model = Compass(PRESETS["tiny"]).train()
+    images = [torch.rand(2, 3, s, s) for s in (24, 40, 64)]
+    q = torch.tensor([0, 2])
+
+    def loss_and_grad(bf16: bool) -> tuple[float, torch.Tensor, list[dict]]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same quantisation noise in both passes
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            outs = model(images, q)
+            loss = sum((bits(o["likelihoods"]) / 64**2 + 0.01 * 255**2 * mse_per_sample(
+                o["x_hat"], x)).mean() for o, x in zip(outs, images, strict=True))
+        assert loss.dtype == torch.float32
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return float(loss.detach()), grad, outs
+
+    loss32, grad32, _ = loss_and_grad(False)
+    loss16, grad16, outs = loss_and_grad(True)
+    for out in outs:
+        assert out["x_hat"].dtype == torch.float32
+        assert all(lik.dtype == torch.float32 for lik in out["likelihoods"].values())
+    assert torch.isfinite(grad16).all()
+    assert abs(loss16 - loss32) < 0.02 * loss32
+    cosine = torch.nn.functional.cosine_similarity(grad16, grad32, dim=0)
+    assert cosine > 0.95, cosine
+
+    # Every entropy model call under autocast computes exactly what float32 computes from the
+    # same inputs (eval mode: rounding instead of noise, so the calls can be repeated).
+    from compressai.entropy_models import EntropyModel
+
+    calls: list[tuple[torch.nn.Module, tuple, tuple]] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: calls.append((mod, i, o)))
+             for m in model.modules() if isinstance(m, EntropyModel)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.eval()(images, q)
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 6  # z and y of the base and of both enhancement layers
+    with torch.no_grad():
+        for module, inputs, (_, likelihood) in calls:
+            assert all(t.dtype == torch.float32 for t in inputs if isinstance(t, torch.Tensor))
+            assert torch.equal(module(*inputs)[1], likelihood)
+
+
+def test_bf16_training_trains_the_stage_and_rejects_unknown_precisions(
+    data: Path, tmp_path: Path
+) -> None:
+    t = Trainer(args(data, tmp_path, "joint", precision="bf16"))
+    before = params(t)
+    t.run()
+    after = params(t)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.startswith(TRAINS["joint"]) for n in changed)
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())  # float32 master weights
+    row = list(csv.DictReader((tmp_path / "log.csv").open()))[-1]
+    assert 0 < float(row["val_loss"]) < float("inf")
+    with pytest.raises(ValueError, match="precision"):
+        Trainer(args(data, tmp_path / "x", "joint", precision="fp16"))

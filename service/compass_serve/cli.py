@@ -111,6 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             threads=args.threads, resume=not args.fresh, init_from=args.init_from,
             warmup_steps=args.warmup_steps, val_minutes=args.val_minutes,
             checkpoint_minutes=args.checkpoint_minutes, cycle_minutes=args.cycle_minutes,
+            precision=args.precision,
         ))
     return 0
 
@@ -333,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the learning-rate schedule (hold, then cosine to 5%%) spans only the "
                         "budget's last N minutes: a new cycle on a stage that already has hours, "
                         "e.g. after --init-from widened the model (0: the whole budget)")
+    t.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: autocast the transforms' forward passes to bfloat16 (weights, "
+                        "optimizer, entropy models and loss stay float32); ~1.7x the steps per "
+                        "hour on CPUs with AVX512-BF16 and on GPUs")
     t.add_argument("--init-from", default=None, metavar="MODEL|CHECKPOINT",
                    help="when the run directory is empty, start from this shipped model, or from "
                         "another run's .safetensors checkpoint with its record and optimizer state")

@@ -163,6 +163,15 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
 
+def full_precision(x: torch.Tensor) -> torch.autocast:
+    """Autocast off: inside, the entropy models run in float32 even when training autocasts the
+    transforms to bfloat16 (`train --precision bf16`). A likelihood is a difference of two CDF
+    values, which bfloat16's 8-bit mantissa would round to noise, and the factorized prior's
+    CDF is a matmul, an op autocast would otherwise lower. Transform outputs are cast back with
+    `.float()` (a no-op on float32 tensors) before they reach an entropy model or the loss."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def _ste_round(x: torch.Tensor, means: torch.Tensor | None) -> torch.Tensor:
     """Rounding with a straight-through gradient (decoder input during training)."""
     if means is None:
@@ -221,13 +230,15 @@ class HyperpriorBackbone(Backbone):
 
     def forward(self, x: torch.Tensor, quality: torch.Tensor) -> dict[str, object]:
         size = (x.shape[-2], x.shape[-1])
-        y = self.g_a(x) * self.gain(quality)
-        z = self.h_a(y)
-        z_hat, z_lik = self.entropy_bottleneck(z)
-        scales, means = self._entropy_params(z_hat, size, exact=False)
-        _, y_lik = self.gaussian_conditional(y, scales, means)
+        y = self.g_a(x).float() * self.gain(quality)
+        z = self.h_a(y).float()
+        with full_precision(x):
+            z_hat, z_lik = self.entropy_bottleneck(z)
+        scales, means = (t.float() for t in self._entropy_params(z_hat, size, exact=False))
+        with full_precision(x):
+            _, y_lik = self.gaussian_conditional(y, scales, means)
         y_hat = _ste_round(y, means) if self.training else torch.round(y - means) + means
-        x_hat = self.synthesize(y_hat * self.inv_gain(quality), size)
+        x_hat = self.synthesize(y_hat * self.inv_gain(quality), size).float()
         return {"x_hat": x_hat, "likelihoods": {"y": y_lik, "z": z_lik}}
 
     @torch.no_grad()
@@ -282,14 +293,15 @@ class FactorizedBackbone(Backbone):
 
     def forward(self, x: torch.Tensor, quality: torch.Tensor) -> dict[str, object]:
         size = (x.shape[-2], x.shape[-1])
-        y = self.g_a(x) * self.gain(quality)
-        y_noisy, y_lik = self.entropy_bottleneck(y)
+        y = self.g_a(x).float() * self.gain(quality)
+        with full_precision(x):
+            y_noisy, y_lik = self.entropy_bottleneck(y)
         if self.training:
             medians = self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
             y_hat = _ste_round(y, medians)
         else:
             y_hat = y_noisy
-        x_hat = self.synthesize(y_hat * self.inv_gain(quality), size)
+        x_hat = self.synthesize(y_hat * self.inv_gain(quality), size).float()
         return {"x_hat": x_hat, "likelihoods": {"y": y_lik}}
 
     @torch.no_grad()

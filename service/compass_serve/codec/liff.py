@@ -133,7 +133,8 @@ class Liff(nn.Module):
         if self.cfg.skip == "bicubic":
             base = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
         if self.training:
-            pred = self._render(self._lowres(x), 0, (hl, wl), size, 0, h_hi)
+            # .float(): under bf16 autocast (training only) the rendered filter output is bf16.
+            pred = self._render(self._lowres(x), 0, (hl, wl), size, 0, h_hi).float()
             return pred if base is None else pred + base
         # Inference: horizontal strips of the lower layer (with a halo, so results equal the
         # whole-image computation) keep feature memory bounded at any size.
