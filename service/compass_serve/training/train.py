@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from compass_serve.codec.backbone import regrid_gains, widen
+from compass_serve.codec.backbone import build_backbone, regrid_gains, widen
 from compass_serve.codec.liff import Liff
 from compass_serve.codec.model import Compass, CompassConfig
 from compass_serve.codec.registry import PRESETS, load_model, load_state, state_dict_for_save
@@ -196,11 +196,11 @@ class Trainer:
     ) -> dict[str, torch.Tensor]:
         """`state` (of config `source`, gains already on this ladder) with its residual codec
         widened to this preset's: the same codes to start with (`widen`)."""
-        narrow = Compass(source.with_lambdas(self.cfg.lambdas)).to(self.device)
-        load_state(narrow, state)
-        rc = self.model.enhancement.residual
-        widen(narrow.enhancement.residual, rc)
         prefix = "enhancement.residual."
+        narrow = build_backbone(source.with_lambdas(self.cfg.lambdas).residual).to(self.device)
+        load_state(narrow, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        rc = self.model.enhancement.residual
+        widen(narrow, rc)
         return {**{k: v for k, v in state.items() if not k.startswith(prefix)},
                 **{prefix + k: v for k, v in rc.state_dict().items()}}
 
