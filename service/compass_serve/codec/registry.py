@@ -50,6 +50,10 @@ PRESETS: dict[str, CompassConfig] = {
     # (`widen_transforms`).
     "lite-wide-rc192-ga128": replace(
         _LITE, residual=replace(_LITE.residual, m=192, n_analysis=128)).with_lambdas(WIDE_LAMBDAS),
+    # Once more (session 15): the encoder file (two files since session 14) has the room, and the
+    # held-rate validations of ga128's third cycle fell half as fast as its second's.
+    "lite-wide-rc192-ga192": replace(
+        _LITE, residual=replace(_LITE.residual, m=192, n_analysis=192)).with_lambdas(WIDE_LAMBDAS),
     # The paper's sizes: mbt2018-mean N=128, M=192; RDN 64 ch, 4x4 convs, growth 32; MLP 4x256.
     "paper": CompassConfig(
         base=BackboneConfig(n=128, m=192),
