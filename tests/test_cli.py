@@ -83,3 +83,21 @@ def test_errors_are_one_line_not_tracebacks(tiny_store: Path, tmp_path: Path) ->
     junk.write_bytes(b"CMPS" + bytes(100))
     res = cli(tiny_store, "decode", str(junk), "-o", str(tmp_path / "o.png"), check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_train_runs_a_stage_in_bfloat16_and_rejects_other_precisions(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(21):  # every 20th image is the held-out slice
+        photo(72, 64, seed=i).save(data / f"{i:02d}.png")
+    out = tmp_path / "run"
+    common = ["train", "--stage", "backbone", "--preset", "tiny", "--data", str(data), "--out",
+              str(out), "--minutes", "0.02", "--crop", "48", "--batch", "2", "--threads", "1"]
+    cli(tiny_store, *common, "--precision", "bf16")
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["backbone"]["steps"] > 0 and progress["preset"] == "tiny"
+    assert "val_loss" in (out / "log.csv").read_text().splitlines()[0]
+    res = cli(tiny_store, *common, "--precision", "fp16", check=False)
+    assert res.returncode == 2 and "invalid choice: 'fp16'" in res.stderr
