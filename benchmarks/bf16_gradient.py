@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from compass_serve.codec.registry import load_model
 from compass_serve.training.data import CropSampler, list_images, load_all, resize, split_holdout
-from compass_serve.training.train import bits, mse_per_sample
+from compass_serve.training.train import rd_loss
 
 
 def main() -> None:
@@ -53,9 +53,7 @@ def main() -> None:
             loss = torch.zeros(())
             for image in images[1:]:
                 out = enh(lower, image, q)
-                rate = bits(out["likelihoods"]) / (image.shape[-2] * image.shape[-1])
-                dist = lambdas[q] * 255**2 * mse_per_sample(out["x_hat"], image)
-                loss = loss + (rate + dist).mean()
+                loss = loss + rd_loss(out["likelihoods"], out["x_hat"], image, lambdas[q])[0].mean()
                 lower = out["x_hat"]
         loss.backward()
         return torch.cat([p.grad.flatten() for p in enh.parameters() if p.grad is not None])

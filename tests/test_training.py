@@ -212,7 +212,7 @@ def test_bf16_autocast_keeps_entropy_models_and_loss_in_float32() -> None:
     the loss are float32 and the gradient points where the float32 one does."""
     from compass_serve.codec.model import Compass
     from compass_serve.codec.registry import PRESETS
-    from compass_serve.training.train import bits, mse_per_sample
+    from compass_serve.training.train import rd_loss
 
     torch.manual_seed(0)
     model = Compass(PRESETS["tiny"]).train()
@@ -224,8 +224,8 @@ def test_bf16_autocast_keeps_entropy_models_and_loss_in_float32() -> None:
         torch.manual_seed(1)  # the same quantisation noise in both passes
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             outs = model(images, q)
-            loss = sum((bits(o["likelihoods"]) / 64**2 + 0.01 * 255**2 * mse_per_sample(
-                o["x_hat"], x)).mean() for o, x in zip(outs, images, strict=True))
+            loss = sum(rd_loss(o["likelihoods"], o["x_hat"], x, torch.tensor(0.01))[0].mean()
+                       for o, x in zip(outs, images, strict=True))
         assert loss.dtype == torch.float32
         loss.backward()
         grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])

@@ -86,6 +86,17 @@ def mse_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(a, b, reduction="none").flatten(1).mean(1)
 
 
+def rd_loss(
+    likelihoods: dict[str, torch.Tensor], x_hat: torch.Tensor, image: torch.Tensor,
+    lam: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One coded layer's rate-distortion objective per sample: (bpp + lambda * 255^2 * MSE, bpp,
+    MSE), the rate in bits per pixel of `image`, the distortion on the 8-bit scale."""
+    bpp = bits(likelihoods) / (image.shape[-2] * image.shape[-1])
+    mse = mse_per_sample(x_hat, image)
+    return bpp + lam * 255**2 * mse, bpp, mse
+
+
 def psnr(mse: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
@@ -290,9 +301,8 @@ class Trainer:
             x = self.sampler.batch(a.batch, a.crop).to(self.device)
             m.base.train()
             out = m.base(x, q)
-            bpp = bits(out["likelihoods"]) / (x.shape[-2] * x.shape[-1])
-            mse = mse_per_sample(out["x_hat"], x)
-            loss = (bpp + lam * 255**2 * mse).mean()
+            loss, bpp, mse = rd_loss(out["likelihoods"], out["x_hat"], x, lam)
+            loss = loss.mean()
         else:
             crop = self.sampler.batch(a.batch, a.crop).to(self.device)
             images = self._chain(crop, self.sampler.chain(a.crop))
@@ -318,9 +328,8 @@ class Trainer:
                 else:
                     res = m.enhancement(lower, image, q)
                     out, x_hat = res, res["x_hat"]
-                layer_bpp = bits(out["likelihoods"]) / (size[0] * size[1])
-                mse = mse_per_sample(x_hat, image)
-                loss = loss + (layer_bpp + lam * 255**2 * mse).mean()
+                layer_loss, layer_bpp, mse = rd_loss(out["likelihoods"], x_hat, image, lam)
+                loss = loss + layer_loss.mean()
                 bpp = bpp + layer_bpp.detach()
                 lower = x_hat
         return loss, bpp, mse
