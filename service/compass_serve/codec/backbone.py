@@ -327,6 +327,13 @@ class FactorizedBackbone(Backbone):
 
 
 @torch.no_grad()
+def _copy_leading(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy `src` into the leading block of `dst`, a tensor as large or larger on every axis: how
+    a widened module keeps its old units' parameters (equal shapes: a plain copy)."""
+    dst[tuple(slice(0, s) for s in src.shape)] = src
+
+
+@torch.no_grad()
 def widen_latent(old: HyperpriorBackbone, new: HyperpriorBackbone) -> None:
     """Load `old` into `new`, a hyperprior backbone with more latent channels (same n and levels).
 
@@ -345,8 +352,7 @@ def widen_latent(old: HyperpriorBackbone, new: HyperpriorBackbone) -> None:
     mid = old.h_s.up2.out_channels
     src = dict(old.named_parameters())
     for key, value in new.named_parameters():
-        o = src[key]
-        value[tuple(slice(0, s) for s in o.shape)] = o  # equal shapes: a plain copy
+        _copy_leading(value, src[key])
     ga = new.g_a.stages[-1].conv
     ga.weight[m:] = torch.randn_like(ga.weight[m:]) * 0.02 * ga.weight[:m].std()
     ga.bias[m:] = 0
@@ -382,15 +388,14 @@ def _widen_stack(old: Analysis | Synthesis, new: Analysis | Synthesis) -> None:
         keep = [slice(None)] * 4
         keep[out_axis] = slice(0, w.shape[out_axis])
         fresh[tuple(keep)] = 0  # old units: zero weight from the new inputs ...
-        fresh[tuple(slice(0, s) for s in w.shape)] = w  # ... and their own weights as before
+        _copy_leading(fresh, w)  # ... and their own weights as before
         v.copy_(fresh)
         n.conv.bias.zero_()
-        n.conv.bias[: o.conv.bias.numel()] = o.conv.bias
+        _copy_leading(n.conv.bias, o.conv.bias)
     for o, n in zip(old.acts, new.acts, strict=True):
         if isinstance(o, GDN):  # fresh GDN: beta 1, gamma 0.1 on the diagonal, exactly 0 off it
-            c = o.beta.numel()
-            n.beta[:c] = o.beta
-            n.gamma[:c, :c] = o.gamma
+            _copy_leading(n.beta, o.beta)
+            _copy_leading(n.gamma, o.gamma)
 
 
 @torch.no_grad()
