@@ -30,6 +30,11 @@ from compass_serve.codec.refine import Refinement, rd_cost, refine_latent
 SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
 
 
+# Encoders run the analysis transform in tiles of this many input pixels a side (`Analysis.tiled`):
+# its first activations are the largest tensors of an encode.
+ANALYSIS_TILE = 1024
+
+
 def scale_table() -> list[float]:
     return torch.exp(
         torch.linspace(math.log(SCALES_MIN), math.log(SCALES_MAX), SCALES_LEVELS)
@@ -245,7 +250,7 @@ class HyperpriorBackbone(Backbone):
     def compress(self, x: torch.Tensor, quality: float, lam: float = 0.0,
                  refine: Refinement | None = None) -> Coded:
         size = (x.shape[-2], x.shape[-1])
-        y = self.g_a(x) * self.gain(quality)
+        y = self.g_a.tiled(x, ANALYSIS_TILE) * self.gain(quality)
         z = self.h_a(y)
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
@@ -310,7 +315,7 @@ class FactorizedBackbone(Backbone):
         if refine is not None and refine.steps > 0:
             raise ValueError("latent refinement needs the hyperprior entropy model")
         size = (x.shape[-2], x.shape[-1])
-        y = (self.g_a(x) * self.gain(quality)).cpu()
+        y = (self.g_a.tiled(x, ANALYSIS_TILE) * self.gain(quality)).cpu()
         strings = self.entropy_bottleneck.compress(y)
         y_hat = self.entropy_bottleneck.decompress(strings, y.shape[-2:])
         x_hat = self.synthesize(y_hat.to(x.device) * self.inv_gain(quality), size)
