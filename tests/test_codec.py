@@ -153,9 +153,31 @@ def test_analysis_in_tiles_is_the_same_function(size: tuple[int, int], tile: int
             assert not torch.allclose(g_a.tiled(x, tile), whole, rtol=0, atol=1e-6)
 
 
-def test_encoding_in_analysis_tiles_codes_the_same_image(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("size", [(211, 149), (64, 96), (97, 33)])
+@pytest.mark.parametrize("tile", [16, 40, 64])
+def test_synthesis_in_tiles_is_the_same_function(size: tuple[int, int], tile: int) -> None:
+    from compressai.layers import GDN
+
+    from compass_serve.codec.layers import Synthesis, halvings
+
+    torch.manual_seed(0)
+    g_s = Synthesis([12, 8, 8, 8, 3], GDN).double().eval()
+    assert g_s.halo() == 2  # 30 pixels spoilt next to a cut: two latent cells of 16
+    sizes = halvings(*size, 4)[::-1]
+    y = torch.randn(2, 12, *sizes[0], dtype=torch.float64)
+    with torch.no_grad():
+        whole = g_s(y, sizes[1:])
+        tiled = g_s.tiled(y, sizes[1:], tile)
+        assert tiled.shape == whole.shape == (2, 3, *size)
+        assert torch.allclose(tiled, whole, rtol=0, atol=1e-12)
+        g_s.halo = lambda: 0  # type: ignore[method-assign]
+        if max(size) > max(tile, 16):
+            assert not torch.allclose(g_s.tiled(y, sizes[1:], tile), whole, rtol=0, atol=1e-6)
+
+
+def test_coding_in_transform_tiles_gives_the_same_image(monkeypatch: pytest.MonkeyPatch) -> None:
     from compass_serve.codec import backbone
-    from compass_serve.codec.layers import Analysis
+    from compass_serve.codec.layers import Analysis, Synthesis
     from compass_serve.codec.registry import PRESETS, build
 
     torch.manual_seed(0)
@@ -172,14 +194,18 @@ def test_encoding_in_analysis_tiles_codes_the_same_image(monkeypatch: pytest.Mon
         return len(data), pixels(codec.decode(data).image)
 
     n_whole, whole = coded()
-    monkeypatch.setattr(backbone, "ANALYSIS_TILE", 32)  # the top layers of this ladder are cut
+    monkeypatch.setattr(backbone, "TRANSFORM_TILE", 32)  # the top layers of this ladder are cut
     n_tiled, tiled = coded()
     # Float32 sums in another order may flip a rounding here and there: the same stream up to that.
     assert abs(n_tiled - n_whole) <= 0.01 * n_whole
     assert np.abs(tiled - whole).mean() < 0.1
-    monkeypatch.setattr(Analysis, "halo", lambda self: 0)  # cuts without real neighbours
+    monkeypatch.setattr(Analysis, "halo", lambda self: 0)  # encoder cuts without neighbours
     n_cut, cut = coded()
     assert abs(n_cut - n_whole) > 0.05 * n_whole and np.abs(cut - whole).mean() > 1
+    monkeypatch.undo()
+    monkeypatch.setattr(backbone, "TRANSFORM_TILE", 32)
+    monkeypatch.setattr(Synthesis, "halo", lambda self: 0)  # decoder cuts without neighbours
+    assert np.abs(coded()[1] - whole).mean() > 1
 
 
 def test_liff_chunked_inference_equals_whole_image() -> None:

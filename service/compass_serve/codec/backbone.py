@@ -30,9 +30,10 @@ from compass_serve.codec.refine import Refinement, rd_cost, refine_latent
 SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
 
 
-# Encoders run the analysis transform in tiles of this many input pixels a side (`Analysis.tiled`):
-# its first activations are the largest tensors of an encode.
-ANALYSIS_TILE = 1024
+# Inference runs the analysis and synthesis transforms in tiles of this many image pixels a side
+# (`Analysis.tiled`, `Synthesis.tiled`): their full-resolution activations are the largest tensors
+# of an encode or a decode, so a tile bounds the peak memory at any image size.
+TRANSFORM_TILE = 1024
 
 
 def scale_table() -> list[float]:
@@ -143,6 +144,7 @@ class Backbone(nn.Module):
             # NHWC transposed convs are ~20% faster with oneDNN; the decoder only adds the result
             # to a prediction, so bit-exactness is not needed here (unlike the hyper-synthesis).
             y_hat = y_hat.contiguous(memory_format=torch.channels_last)
+            return self.g_s.tiled(y_hat, sizes[::-1][1:], TRANSFORM_TILE).contiguous()
         return self.g_s(y_hat, sizes[::-1][1:]).contiguous()
 
     def aux_loss(self) -> torch.Tensor:
@@ -250,7 +252,7 @@ class HyperpriorBackbone(Backbone):
     def compress(self, x: torch.Tensor, quality: float, lam: float = 0.0,
                  refine: Refinement | None = None) -> Coded:
         size = (x.shape[-2], x.shape[-1])
-        y = self.g_a.tiled(x, ANALYSIS_TILE) * self.gain(quality)
+        y = self.g_a.tiled(x, TRANSFORM_TILE) * self.gain(quality)
         z = self.h_a(y)
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
@@ -315,7 +317,7 @@ class FactorizedBackbone(Backbone):
         if refine is not None and refine.steps > 0:
             raise ValueError("latent refinement needs the hyperprior entropy model")
         size = (x.shape[-2], x.shape[-1])
-        y = (self.g_a.tiled(x, ANALYSIS_TILE) * self.gain(quality)).cpu()
+        y = (self.g_a.tiled(x, TRANSFORM_TILE) * self.gain(quality)).cpu()
         strings = self.entropy_bottleneck.compress(y)
         y_hat = self.entropy_bottleneck.decompress(strings, y.shape[-2:])
         x_hat = self.synthesize(y_hat.to(x.device) * self.inv_gain(quality), size)

@@ -131,6 +131,51 @@ class Synthesis(nn.Module):
                 x = self.acts[i](x)
         return x
 
+    @property
+    def stride(self) -> int:
+        return 2 ** len(self.stages)
+
+    def halo(self) -> int:
+        """Latent cells a tile needs beyond its edge so that its output equals the whole image's:
+        a stride-2 transposed convolution spoils `2 * spoilt + kernel - 1 - pad` outputs next to
+        a cut (the activations are pointwise in space), rounded up to whole latent cells."""
+        spoilt = 0
+        for stage in self.stages:
+            conv = stage.conv
+            pad = conv.padding[0]
+            spoilt = 2 * spoilt + max(pad, conv.kernel_size[0] - 1 - pad)
+        return -(-spoilt // self.stride)
+
+    def tiled(self, x: torch.Tensor, sizes: list[Size], tile: int) -> torch.Tensor:
+        """`forward` in tiles of about `tile` x `tile` output pixels, for inference on large
+        images (the mirror of `Analysis.tiled`): each tile reads `halo` latent cells of real
+        neighbours and keeps only its own pixels; a tile at the bottom or right edge is cropped
+        at every stage as the whole image is, so the result is the same function up to the
+        order of float sums."""
+        lh, lw = x.shape[-2:]
+        s = self.stride
+        step = max(1, tile // s)
+        if lh <= step and lw <= step:
+            return self(x, sizes)
+        halo, (h, w) = self.halo(), sizes[-1]
+        out: torch.Tensor | None = None
+        for r0 in range(0, lh, step):
+            for c0 in range(0, lw, step):
+                ra, rb = max(0, r0 - halo), min(lh, r0 + step + halo)
+                ca, cb = max(0, c0 - halo), min(lw, c0 + step + halo)
+                # Stage i scales by 2^(i+1); only a tile at the bottom/right edge is cropped.
+                part = self(x[..., ra:rb, ca:cb], [
+                    (sh - ra * 2 ** (i + 1) if rb == lh else (rb - ra) * 2 ** (i + 1),
+                     sw - ca * 2 ** (i + 1) if cb == lw else (cb - ca) * 2 ** (i + 1))
+                    for i, (sh, sw) in enumerate(sizes)])
+                if out is None:
+                    out = part.new_empty(*part.shape[:-2], h, w)
+                rows, cols = min(h, (r0 + step) * s) - r0 * s, min(w, (c0 + step) * s) - c0 * s
+                out[..., r0 * s : r0 * s + rows, c0 * s : c0 * s + cols] = part[
+                    ..., (r0 - ra) * s : (r0 - ra) * s + rows, (c0 - ca) * s : (c0 - ca) * s + cols]
+        assert out is not None
+        return out
+
 
 def _make_act(act: type[nn.Module] | None, channels: int, inverse: bool) -> nn.Module:
     from compressai.layers import GDN
