@@ -137,8 +137,8 @@ class Synthesis(nn.Module):
 
     def halo(self) -> int:
         """Latent cells a tile needs beyond its edge so that its output equals the whole image's:
-        a stride-2 transposed convolution spoils `2 * spoilt + kernel - 1 - pad` outputs next to
-        a cut (the activations are pointwise in space), rounded up to whole latent cells."""
+        a stride-2 transposed convolution spoils `2 * spoilt + max(pad, kernel - 1 - pad)`
+        outputs next to a cut (the activations are pointwise in space), rounded up to whole latent cells."""
         spoilt = 0
         for stage in self.stages:
             conv = stage.conv
