@@ -1,17 +1,24 @@
 """Where a multi-layer decode spends its time: per layer, LIFF vs entropy decoding vs RC synthesis.
 
     .venv/bin/python benchmarks/decode_breakdown.py [--image ../shared/data/kodak/kodim23.png]
+        [--widen-synthesis 96]
+
+`--widen-synthesis N` also times, in the same runs, the RC synthesis widened to N hidden channels
+(`backbone.widen`: the same function, so the decode is unchanged), i.e. what a wider decoder
+would cost before any hour is spent training one; the ratio is against the shipped synthesis.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 
 from compass_serve.allocator import retain_freed_memory
 from compass_serve.codec import bitstream as bs
+from compass_serve.codec.backbone import build_backbone, widen
 from compass_serve.codec.coder import Codec
 from compass_serve.imageio import load_rgb
 
@@ -21,6 +28,8 @@ def main() -> None:
     ap.add_argument("--image", default="../shared/data/kodak/kodim23.png")
     ap.add_argument("--model", default="lite")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--widen-synthesis", type=int, default=0, metavar="N",
+                    help="also time the RC synthesis widened to N hidden channels")
     a = ap.parse_args()
     retain_freed_memory()  # as every compass-serve process runs (compass_serve.allocator)
     codec = Codec.load(a.model)
@@ -30,6 +39,11 @@ def main() -> None:
     sizes = [(e.height, e.width) for e in stream.header.table]
     q = stream.header.quality
     rc = model.enhancement.residual
+    wide = None
+    if a.widen_synthesis:
+        wide = build_backbone(replace(rc.cfg, n_synthesis=a.widen_synthesis))
+        widen(rc, wide)
+        wide.eval()
     print(f"{a.image}, model {a.model}, torch threads {torch.get_num_threads()}")
     with torch.inference_mode():
         for rep in range(a.repeats):
@@ -42,10 +56,19 @@ def main() -> None:
                 t1 = time.perf_counter()
                 y_hat = rc.decode_latent(s, size)  # hyper-synthesis and range decoding
                 t2 = time.perf_counter()
-                x = pred + rc.synthesize(y_hat * rc.inv_gain(q), size)
+                residual = rc.synthesize(y_hat * rc.inv_gain(q), size)
+                x = pred + residual
                 t3 = time.perf_counter()
-                cells.append(f"{size[1]}x{size[0]}: LIFF {t1 - t0:.3f} s, entropy {t2 - t1:.3f} s, "
-                             f"RC synthesis {t3 - t2:.3f} s")
+                cell = (f"{size[1]}x{size[0]}: LIFF {t1 - t0:.3f} s, entropy {t2 - t1:.3f} s, "
+                        f"RC synthesis {t3 - t2:.3f} s")
+                if wide is not None:
+                    t4 = time.perf_counter()
+                    same = wide.synthesize(y_hat * wide.inv_gain(q), size)
+                    t5 = time.perf_counter()
+                    cell += (f" (widened to {a.widen_synthesis}: {t5 - t4:.3f} s, "
+                             f"x{(t5 - t4) / (t3 - t2):.2f}, max |diff| "
+                             f"{(same - residual).abs().max():.1e})")
+                cells.append(cell)
             print(f"run {rep + 1}: " + "; ".join(cells))
 
 

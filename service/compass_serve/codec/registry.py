@@ -54,6 +54,12 @@ PRESETS: dict[str, CompassConfig] = {
     # held-rate validations of ga128's third cycle fell half as fast as its second's.
     "lite-wide-rc192-ga192": replace(
         _LITE, residual=replace(_LITE.residual, m=192, n_analysis=192)).with_lambdas(WIDE_LAMBDAS),
+    # ga192 with the residual synthesis 1.5x as wide: decoder capacity, where the top level
+    # flattens; it runs at every decode (`benchmarks/decode_breakdown.py --widen-synthesis 96`:
+    # about 1.85x the RC synthesis time, ~0.1 s of a Kodak decode).
+    "lite-wide-rc192-ga192-gs96": replace(
+        _LITE, residual=replace(_LITE.residual, m=192, n_analysis=192, n_synthesis=96),
+    ).with_lambdas(WIDE_LAMBDAS),
     # The paper's sizes: mbt2018-mean N=128, M=192; RDN 64 ch, 4x4 convs, growth 32; MLP 4x256.
     "paper": CompassConfig(
         base=BackboneConfig(n=128, m=192),
