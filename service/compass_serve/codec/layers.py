@@ -53,7 +53,18 @@ class Up(nn.Module):
         return self.conv(x)[..., : size[0], : size[1]]
 
 
-class Analysis(nn.Module):
+class _Stack(nn.Module):
+    """Stride-2 stages with an activation between each two: what Analysis and Synthesis share."""
+
+    stages: nn.ModuleList
+    acts: nn.ModuleList
+
+    @property
+    def stride(self) -> int:
+        return 2 ** len(self.stages)
+
+
+class Analysis(_Stack):
     """Down-sampling stack: Down, act, Down, act, ..., Down (no activation after the last)."""
 
     def __init__(self, channels: list[int], act: type[nn.Module] | None, kernel: int = 5) -> None:
@@ -61,9 +72,7 @@ class Analysis(nn.Module):
         self.stages = nn.ModuleList(
             Down(a, b, kernel) for a, b in pairwise(channels)
         )
-        n = len(self.stages) - 1
         self.acts = nn.ModuleList(_make_act(act, c, False) for c in channels[1:-1])
-        assert len(self.acts) == n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, stage in enumerate(self.stages):
@@ -71,10 +80,6 @@ class Analysis(nn.Module):
             if i < len(self.acts):
                 x = self.acts[i](x)
         return x
-
-    @property
-    def stride(self) -> int:
-        return 2 ** len(self.stages)
 
     def halo(self) -> int:
         """Input pixels a tile needs beyond its edge so that its latent equals the whole image's:
@@ -114,7 +119,7 @@ class Analysis(nn.Module):
         return out
 
 
-class Synthesis(nn.Module):
+class Synthesis(_Stack):
     """Up-sampling stack mirroring `Analysis`; `sizes` lists the target size of each stage."""
 
     def __init__(self, channels: list[int], act: type[nn.Module] | None, kernel: int = 5) -> None:
@@ -130,10 +135,6 @@ class Synthesis(nn.Module):
             if i < len(self.acts):
                 x = self.acts[i](x)
         return x
-
-    @property
-    def stride(self) -> int:
-        return 2 ** len(self.stages)
 
     def halo(self) -> int:
         """Latent cells a tile needs beyond its edge so that its output equals the whole image's:
