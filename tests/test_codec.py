@@ -131,6 +131,23 @@ def test_ladders() -> None:
             make_ladder(768, 512, **kwargs)
 
 
+@pytest.mark.parametrize("size", [(37, 53), (64, 96), (1, 1), (17, 200)])
+def test_latent_sizes_are_what_the_transforms_produce(size: tuple[int, int]) -> None:
+    """The sizes the coder computes from the image alone (for the entropy coder and the
+    synthesis) must be those the transforms produce, at any size."""
+    from compass_serve.codec.backbone import BackboneConfig, HyperpriorBackbone
+
+    torch.manual_seed(0)
+    model = HyperpriorBackbone(BackboneConfig(n=8, m=12, qualities=2)).eval()
+    assert model.g_a.stride == model.g_s.stride == 2 ** model.HALVINGS
+    with torch.no_grad():
+        y = model.g_a(torch.rand(1, 3, *size))
+        z = model.h_a(y)
+        assert tuple(y.shape[-2:]) == model.latent_sizes(size)[-1]
+        assert tuple(z.shape[-2:]) == model.hyper_sizes(size)[-1]
+        assert tuple(model.synthesize(y, size).shape[-2:]) == size
+
+
 @pytest.mark.parametrize("size", [(211, 149), (64, 96), (97, 33)])
 @pytest.mark.parametrize("tile", [16, 40, 64])
 def test_analysis_in_tiles_is_the_same_function(size: tuple[int, int], tile: int) -> None:

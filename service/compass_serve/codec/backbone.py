@@ -109,12 +109,16 @@ class Coded:
 class Backbone(nn.Module):
     """Analysis/synthesis transforms and per-quality gains; entropy model in subclasses."""
 
+    # Stride-2 stages of g_a and g_s, a class constant so that latent sizes follow from the
+    # image size alone (no instance needed).
+    HALVINGS = 4
+
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.cfg = cfg
         na, ns, m, c = cfg.analysis_width, cfg.synthesis_width, cfg.m, cfg.in_channels
-        self.g_a = Analysis([c, na, na, na, m], GDN)
-        self.g_s = Synthesis([m, ns, ns, ns, c], GDN)
+        self.g_a = Analysis([c, *[na] * (self.HALVINGS - 1), m], GDN)
+        self.g_s = Synthesis([m, *[ns] * (self.HALVINGS - 1), c], GDN)
         # Gains start spread so that quality levels begin at different rates.
         spread = torch.linspace(-1.0, 1.0, cfg.qualities)[:, None].expand(cfg.qualities, m)
         self.log_gain = nn.Parameter(spread.clone())
@@ -134,9 +138,9 @@ class Backbone(nn.Module):
     def inv_gain(self, quality: torch.Tensor | float) -> torch.Tensor:
         return self._gain(self.log_inv_gain, quality)
 
-    @staticmethod
-    def latent_sizes(size: Size) -> list[Size]:
-        return halvings(size[0], size[1], 4)
+    @classmethod
+    def latent_sizes(cls, size: Size) -> list[Size]:
+        return halvings(size[0], size[1], cls.HALVINGS)
 
     def synthesize(self, y_hat: torch.Tensor, size: Size) -> torch.Tensor:
         sizes = self.latent_sizes(size)
@@ -210,22 +214,24 @@ class HyperSynthesis(nn.Module):
 class HyperpriorBackbone(Backbone):
     """Mean-scale hyperprior backbone (CompressAI's "mbt2018-mean" structure)."""
 
+    HYPER_HALVINGS = 2  # stride-2 stages of h_a (and up-samplings of h_s)
+
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__(cfg)
         n, m = cfg.n, cfg.m
         self.h_a = nn.Sequential(
             nn.Conv2d(m, n, 3, padding=1),
             nn.ReLU(),
-            Analysis([n, n, n], nn.ReLU),
+            Analysis([n] * (self.HYPER_HALVINGS + 1), nn.ReLU),
         )
         self.h_s = HyperSynthesis(n, m)
         self.entropy_bottleneck = EntropyBottleneck(n)
         self.gaussian_conditional = GaussianConditional(None)
 
-    @staticmethod
-    def hyper_sizes(size: Size) -> list[Size]:
-        latent = Backbone.latent_sizes(size)[-1]
-        return halvings(latent[0], latent[1], 2)
+    @classmethod
+    def hyper_sizes(cls, size: Size) -> list[Size]:
+        latent = cls.latent_sizes(size)[-1]
+        return halvings(latent[0], latent[1], cls.HYPER_HALVINGS)
 
     def _entropy_params(
         self, z_hat: torch.Tensor, size: Size, exact: bool
