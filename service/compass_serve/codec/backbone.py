@@ -214,7 +214,8 @@ class HyperSynthesis(nn.Module):
 class HyperpriorBackbone(Backbone):
     """Mean-scale hyperprior backbone (CompressAI's "mbt2018-mean" structure)."""
 
-    HYPER_HALVINGS = 2  # stride-2 stages of h_a (and up-samplings of h_s)
+    # Stride-2 stages of h_a; HyperSynthesis's two up-samplings mirror it (not built from it).
+    HYPER_HALVINGS = 2
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__(cfg)
