@@ -107,6 +107,9 @@ def test_a_run_continues_from_another_runs_checkpoint(data: Path, tmp_path: Path
     t.run()  # the budget counts the carried record: it trains the difference only
     assert t.progress["joint"]["steps"] > source.progress["joint"]["steps"]
     assert (tmp_path / "b" / "best.safetensors").exists()
+    # best's own record: the steps when it was saved, which the run's record can only pass.
+    best = json.loads((tmp_path / "b" / "best.progress.json").read_text())
+    assert source.progress["joint"]["steps"] < best["joint"]["steps"] <= t.progress["joint"]["steps"]
 
 
 def test_init_from_a_checkpoint_on_another_rate_ladder_regrids_the_gains(
@@ -162,8 +165,18 @@ def test_export_records_the_validation_row_of_the_exported_weights(tmp_path: Pat
             w.writerow({"stage": "joint", "step": step, "q1_psnr": psnr, "val_loss": loss})
     info = export_run(run, "tiny", weights="best", store=tmp_path / "store")
     assert info.manifest["training"]["validation"]["q1_psnr"] == 28.0
+    # Without the record saved beside best.safetensors, the run's latest is all there is.
+    assert info.manifest["training"]["stages"]["joint"]["steps"] == 30
+    last = export_run(run, "tiny", weights="last", store=tmp_path / "store").manifest["training"]
+    assert last["validation"]["q1_psnr"] == 29.0
+    # With it, the manifest's steps and hours are those of the exported weights, not the run's end.
+    (run / "best.progress.json").write_text(json.dumps(
+        {"joint": {"steps": 20, "seconds": 36.0}, "preset": "tiny", "best_joint": 1.04595}))
+    stages = export_run(run, "tiny", weights="best", store=tmp_path / "store").manifest[
+        "training"]["stages"]
+    assert stages["joint"] == {"steps": 20, "hours": 0.01}
     assert export_run(run, "tiny", weights="last", store=tmp_path / "store").manifest[
-        "training"]["validation"]["q1_psnr"] == 29.0
+        "training"]["stages"]["joint"]["steps"] == 30
 
 
 def test_init_from_a_narrower_residual_latent_widens_it_and_trains_a_new_cycle(

@@ -23,7 +23,9 @@ LICENSE_NOTE = (
 
 def export_run(run: Path, name: str, weights: str = "last", preset: str | None = None,
                store: Path | None = None) -> ModelInfo:
-    progress = json.loads((run / "progress.json").read_text())
+    # The record saved with the exported weights (best.progress.json), else the run's latest.
+    record = run / f"{weights}.progress.json"
+    progress = json.loads((record if record.exists() else run / "progress.json").read_text())
     preset = preset or run_preset(run)
     model = build(PRESETS[preset], load_file(str(run / f"{weights}.safetensors")))
     stages = {k: {"steps": int(v["steps"]), "hours": round(v["seconds"] / 3600, 3)}

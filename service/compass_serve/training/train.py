@@ -219,7 +219,12 @@ class Trainer:
         self.model.update()
         self.progress["preset"] = self.args.preset  # type: ignore[assignment]
         save_file(state_dict_for_save(self.model), str(self.out / f"{name}.safetensors"))
-        (self.out / "progress.json").write_text(json.dumps(self.progress, indent=1))
+        record = json.dumps(self.progress, indent=1)
+        (self.out / "progress.json").write_text(record)
+        if name != "last":
+            # The training record of these weights: progress.json moves on with the run (resumes
+            # read it), so an export of "best" would otherwise claim the run's later steps.
+            (self.out / f"{name}.progress.json").write_text(record)
         torch.save({"opt": self.opt.state_dict(), "aux": self.aux_opt.state_dict()},
                    self.out / f"optimizer-{self.args.stage}.pt")
 
