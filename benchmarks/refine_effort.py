@@ -5,7 +5,10 @@ On held-out training images (never Kodak: the step count is chosen here), each c
 cumulative bytes and PSNR for each step count, BD-rate against 0 steps (the amortised encoder,
 run in the same process) and the encode-time ratio.
 
-    .venv/bin/python benchmarks/refine_effort.py [--steps 0,10,30,60] [--images 3]
+    .venv/bin/python benchmarks/refine_effort.py [--steps 0,10,30,60] [--images 3] [--lr 0.005,0.02]
+
+With several --lr values, every step count runs at each Adam step size (the refinement's
+`lr`), each against the same amortised baseline.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from PIL import Image
 
 from compass_serve.allocator import retain_freed_memory
 from compass_serve.codec.coder import Codec
+from compass_serve.codec.refine import Refinement
 from compass_serve.evaluation.bd import bd_rate
 from compass_serve.evaluation.run import psnr
 from compass_serve.imageio import load_rgb, resize
@@ -43,6 +47,7 @@ def main() -> None:
     ap.add_argument("--steps", default="0,10,30,60")
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lr", default=str(Refinement.lr), help="comma-separated Adam step sizes")
     a = ap.parse_args()
     retain_freed_memory()  # as every compass-serve process runs (compass_serve.allocator)
     torch.set_num_threads(a.threads)
@@ -53,26 +58,30 @@ def main() -> None:
     images = [crop_768x512(p) for p in split_holdout(list_images(a.data))[1][: a.images]]
     qualities = [float(q) for q in range(1, codec.qualities + 1)]
     print(f"{len(images)} held-out images at 768x512, model {a.model}, torch threads {a.threads}")
-    rows: dict[int, tuple[list[float], list[float], float]] = {}
-    for n in steps:
+    rates = [float(r) for r in a.lr.split(",")]
+    runs = [(0, rates[0])] + [(n, r) for n in steps if n for r in rates]
+    rows: dict[tuple[int, float], tuple[list[float], list[float], float]] = {}
+    for n, lr in runs:
+        refinement = Refinement(steps=n, lr=lr) if n else None
         bpp, db, seconds = [], [], 0.0
         for q in qualities:
             b_q, p_q = [], []
             for img in images:
                 t = time.perf_counter()
-                data = codec.encode(img, quality=q, refine_steps=n)
+                data = codec.encode(img, quality=q, refinement=refinement)
                 seconds += time.perf_counter() - t
                 b_q.append(len(data) * 8 / (768 * 512))
                 p_q.append(psnr(codec.decode(data).image, img))  # default: the top layer
             bpp.append(float(np.mean(b_q)))
             db.append(float(np.mean(p_q)))
-        rows[n] = (bpp, db, seconds / (len(qualities) * len(images)))
-        base_bpp, base_db, base_s = rows[0]
+        rows[n, lr] = (bpp, db, seconds / (len(qualities) * len(images)))
+        base_bpp, base_db, base_s = rows[runs[0]]
         bd = bd_rate(base_bpp, base_db, bpp, db)
-        print(f"steps {n:3d}: bpp q1..q4 " + " ".join(f"{b:.3f}" for b in bpp)
+        label = f"steps {n:3d} lr {lr:g}" if n else "steps   0 (amortised)"
+        print(f"{label}: bpp q1..q{len(qualities)} " + " ".join(f"{b:.3f}" for b in bpp)
               + "  PSNR " + " ".join(f"{p:.2f}" for p in db)
-              + f"  BD-rate vs 0 steps {bd:+.1f} %  encode {rows[n][2]:.1f} s "
-              f"({rows[n][2] / base_s:.1f}x)", flush=True)
+              + f"  BD-rate vs 0 steps {bd:+.1f} %  encode {rows[n, lr][2]:.1f} s "
+              f"({rows[n, lr][2] / base_s:.1f}x)", flush=True)
 
 
 if __name__ == "__main__":

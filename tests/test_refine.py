@@ -51,6 +51,12 @@ def test_refined_stream_is_ordinary_and_reproducible(tiny_codec: Codec) -> None:
         assert out.layer == k and out.image.size == (header[k].width, header[k].height)
     # Without refinement the encoder is the amortised one, byte for byte.
     assert plain == tiny_codec.encode(img, widths=[30, 60, 120], quality=3.0, refine_steps=0)
+    # A full Refinement is the same knob as the step count at its defaults, wins over it, and
+    # its step size reaches the optimiser.
+    enc = lambda **kw: tiny_codec.encode(img, widths=[30, 60, 120], quality=3.0, **kw)  # noqa: E731
+    assert enc(refinement=Refinement(steps=10)) == refined
+    assert enc(refine_steps=3, refinement=Refinement(steps=10)) == refined
+    assert enc(refinement=Refinement(steps=10, lr=0.05)) != refined
 
 
 def test_sga_rounding_hardens_as_temperature_falls() -> None:

@@ -100,19 +100,20 @@ class Codec:
     def encode(
         self, image: Image.Image, *, widths: Sequence[int] | None = None,
         scales: Sequence[float] | None = None, quality: float | None = None,
-        refine_steps: int = 0,
+        refine_steps: int = 0, refinement: Refinement | None = None,
     ) -> bytes:
         """Encode an RGB image into a multi-layer `.cmp` stream (layers from `make_ladder`).
 
         `refine_steps` > 0 spends encode time optimising each layer's latent for its own
-        rate-distortion cost (see `codec.refine`); any decoder reads the result."""
+        rate-distortion cost (see `codec.refine`); any decoder reads the result. `refinement`
+        sets every knob of it (step size, temperatures) and wins over `refine_steps`."""
         q = self.check_quality(quality)
         sizes = self.ladder(image, widths, scales)
         layers = [
             to_tensor(image if (w, h) == image.size else resize(image, w, h)).to(self.device)
             for w, h in sizes
         ]
-        refine = Refinement(steps=refine_steps) if refine_steps else None
+        refine = refinement or (Refinement(steps=refine_steps) if refine_steps else None)
         strings = self.model.compress(layers, q, refine)
         return bs.pack(
             self.name, self.weights_id, q, image.width, image.height,
