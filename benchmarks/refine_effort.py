@@ -62,13 +62,13 @@ def main() -> None:
     runs = [(0, rates[0])] + [(n, r) for n in steps if n for r in rates]
     rows: dict[tuple[int, float], tuple[list[float], list[float], float]] = {}
     for n, lr in runs:
-        refinement = Refinement(steps=n, lr=lr) if n else None
+        refinement = Refinement(steps=n, lr=lr)
         bpp, db, seconds = [], [], 0.0
         for q in qualities:
             b_q, p_q = [], []
             for img in images:
                 t = time.perf_counter()
-                data = codec.encode(img, quality=q, refinement=refinement)
+                data = codec.encode(img, quality=q, refine=refinement)
                 seconds += time.perf_counter() - t
                 b_q.append(len(data) * 8 / (768 * 512))
                 p_q.append(psnr(codec.decode(data).image, img))  # default: the top layer

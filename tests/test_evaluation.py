@@ -127,7 +127,7 @@ def test_encoder_refinement_reaches_every_coding(tiny_codec: Codec, tmp_path: Pa
     real = Codec.encode
 
     def spy(self: Codec, image, **kw):  # type: ignore[no-untyped-def]
-        steps.append(kw.get("refine_steps", 0))
+        steps.append(kw.get("refine", 0))
         return real(self, image, **kw)
 
     monkeypatch.setattr(Codec, "encode", spy)

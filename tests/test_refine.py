@@ -42,21 +42,21 @@ def test_refinement_never_raises_the_cost(tiny_codec: Codec) -> None:
 def test_refined_stream_is_ordinary_and_reproducible(tiny_codec: Codec) -> None:
     img = photo(120, 80, seed=6)
     plain = tiny_codec.encode(img, widths=[30, 60, 120], quality=3.0)
-    refined = tiny_codec.encode(img, widths=[30, 60, 120], quality=3.0, refine_steps=10)
+    refined = tiny_codec.encode(img, widths=[30, 60, 120], quality=3.0, refine=10)
     assert refined != plain
-    assert refined == tiny_codec.encode(img, widths=[30, 60, 120], quality=3.0, refine_steps=10)
+    assert refined == tiny_codec.encode(img, widths=[30, 60, 120], quality=3.0, refine=10)
     header = bs.parse_header(refined).table
     for k in range(len(header)):
         out = tiny_codec.decode(refined[: header.prefix_length(k)])
         assert out.layer == k and out.image.size == (header[k].width, header[k].height)
     # Without refinement the encoder is the amortised one, byte for byte.
-    assert plain == tiny_codec.encode(img, widths=[30, 60, 120], quality=3.0, refine_steps=0)
-    # A full Refinement is the same knob as the step count at its defaults, wins over it, and
-    # its step size reaches the optimiser.
-    enc = lambda **kw: tiny_codec.encode(img, widths=[30, 60, 120], quality=3.0, **kw)  # noqa: E731
-    assert enc(refinement=Refinement(steps=10)) == refined
-    assert enc(refine_steps=3, refinement=Refinement(steps=10)) == refined
-    assert enc(refinement=Refinement(steps=10, lr=0.05)) != refined
+    assert plain == tiny_codec.encode(img, widths=[30, 60, 120], quality=3.0, refine=0)
+    # A full Refinement is the same knob as the step count at its defaults, a 0-step one is the
+    # amortised encoder, and its step size reaches the optimiser.
+    enc = lambda r: tiny_codec.encode(img, widths=[30, 60, 120], quality=3.0, refine=r)  # noqa: E731
+    assert enc(Refinement(steps=10)) == refined
+    assert enc(Refinement(steps=0)) == plain
+    assert enc(Refinement(steps=10, lr=0.05)) != refined
 
 
 def test_sga_rounding_hardens_as_temperature_falls() -> None:
@@ -72,7 +72,7 @@ def test_sga_rounding_hardens_as_temperature_falls() -> None:
 
 def test_refinement_rejects_what_it_cannot_do(tiny_codec: Codec) -> None:
     with pytest.raises(ValueError, match="steps"):
-        tiny_codec.encode(photo(64, 48), refine_steps=-1)
+        tiny_codec.encode(photo(64, 48), refine=-1)
     factorized = build_backbone(BackboneConfig(n=8, m=8, entropy="factorized")).eval()
     factorized.update()
     with pytest.raises(ValueError, match="hyperprior"):

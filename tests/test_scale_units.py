@@ -65,7 +65,7 @@ def test_the_refinement_setting_reaches_the_encoder(tmp_path: Path, tiny_codec: 
     real = Codec.encode
 
     def spy(self: Codec, image, **kw):  # type: ignore[no-untyped-def]
-        seen.append(kw["refine_steps"])
+        seen.append(kw["refine"])
         return real(self, image, **kw)
 
     monkeypatch.setattr(Codec, "encode", spy)

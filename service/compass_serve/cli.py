@@ -39,7 +39,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     codec = Codec.load(args.model)
     image = load_rgb(args.input)
     data = codec.encode(image, widths=args.widths, scales=args.scales, quality=args.quality,
-                        refine_steps=args.refine_steps)
+                        refine=args.refine_steps)
     Path(args.output).write_bytes(data)
     header = bs.parse_header(data)
     layers = " -> ".join(f"{e.width}x{e.height}" for e in header.table)

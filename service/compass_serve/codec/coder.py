@@ -100,21 +100,21 @@ class Codec:
     def encode(
         self, image: Image.Image, *, widths: Sequence[int] | None = None,
         scales: Sequence[float] | None = None, quality: float | None = None,
-        refine_steps: int = 0, refinement: Refinement | None = None,
+        refine: int | Refinement = 0,
     ) -> bytes:
         """Encode an RGB image into a multi-layer `.cmp` stream (layers from `make_ladder`).
 
-        `refine_steps` > 0 spends encode time optimising each layer's latent for its own
-        rate-distortion cost (see `codec.refine`); any decoder reads the result. `refinement`
-        sets every knob of it (step size, temperatures) and wins over `refine_steps`."""
+        `refine` spends encode time optimising each layer's latent for its own rate-distortion
+        cost (see `codec.refine`); any decoder reads the result. A step count uses the default
+        step size and temperatures; a `Refinement` sets every knob. 0 is the amortised encoder."""
         q = self.check_quality(quality)
         sizes = self.ladder(image, widths, scales)
         layers = [
             to_tensor(image if (w, h) == image.size else resize(image, w, h)).to(self.device)
             for w, h in sizes
         ]
-        refine = refinement or (Refinement(steps=refine_steps) if refine_steps else None)
-        strings = self.model.compress(layers, q, refine)
+        plan = refine if isinstance(refine, Refinement) else Refinement(steps=refine)
+        strings = self.model.compress(layers, q, plan if plan.steps else None)
         return bs.pack(
             self.name, self.weights_id, q, image.width, image.height,
             [(w, h, bs.pack_strings(s)) for (w, h), s in zip(sizes, strings, strict=True)],

@@ -56,7 +56,7 @@ def code_compass(
     codec: Codec, img: Image.Image, lad: Ladder, q: float, refine_steps: int = 0
 ) -> list[tuple[float, float]]:
     """[(cumulative bpp, PSNR)] per layer of one COMPASS stream."""
-    data = codec.encode(img, widths=[w for w, _ in lad.sizes], quality=q, refine_steps=refine_steps)
+    data = codec.encode(img, widths=[w for w, _ in lad.sizes], quality=q, refine=refine_steps)
     stream = bs.Bitstream.parse(data)
     recons = codec.decode_layers(stream)
     out = []
@@ -68,7 +68,7 @@ def code_compass(
 
 def code_single(codec: Codec, ref: Image.Image, q: float, refine_steps: int = 0) -> tuple[int, float]:
     """The backbone alone on one image (a one-layer stream): (bytes, PSNR)."""
-    data = codec.encode(ref, widths=[ref.width], quality=q, refine_steps=refine_steps)
+    data = codec.encode(ref, widths=[ref.width], quality=q, refine=refine_steps)
     return len(data), psnr(codec.decode(data).image, ref)
 
 
@@ -209,7 +209,7 @@ class Evaluation:
         for img in self.images[:n_images]:
             widths = self.widths(img, LADDER)
             t = time.perf_counter()
-            data = self.codec.encode(img, widths=widths, refine_steps=self.refine_steps)
+            data = self.codec.encode(img, widths=widths, refine=self.refine_steps)
             enc.append(time.perf_counter() - t)
             table = bs.parse_header(data).table
             cum = []

@@ -132,7 +132,7 @@ class Encoder:
             image = load_rgb(self.store.get(source_key(image_id)), self.limits)
         t0 = time.perf_counter()
         data = codec.encode(image, widths=row.widths, scales=row.scales, quality=row.quality,
-                            refine_steps=self.refine_steps)
+                            refine=self.refine_steps)
         seconds = time.perf_counter() - t0
         header = bs.parse_header(data)
         meta = header_json(header)
