@@ -150,46 +150,36 @@ def test_latent_sizes_are_what_the_transforms_produce(size: tuple[int, int]) -> 
 
 @pytest.mark.parametrize("size", [(211, 149), (64, 96), (97, 33)])
 @pytest.mark.parametrize("tile", [16, 40, 64])
-def test_analysis_in_tiles_is_the_same_function(size: tuple[int, int], tile: int) -> None:
+@pytest.mark.parametrize("kind", ["analysis", "synthesis"])
+def test_transform_in_tiles_is_the_same_function(kind: str, size: tuple[int, int], tile: int) -> None:
     from compressai.layers import GDN
 
-    from compass_serve.codec.layers import Analysis
+    from compass_serve.codec.layers import Analysis, Synthesis, halvings
 
     torch.manual_seed(0)
-    g_a = Analysis([3, 8, 8, 8, 12], GDN).double().eval()
-    assert g_a.halo() == 32  # 4 stages of 5x5: two latent cells of the whole image's stride 16
-    x = torch.rand(2, 3, *size, dtype=torch.float64)
+    if kind == "analysis":
+        net: Analysis | Synthesis = Analysis([3, 8, 8, 8, 12], GDN).double().eval()
+        # 4 stages of 5x5: two latent cells of the whole image's stride 16
+        halo, out_shape = 32, None
+        x = torch.rand(2, 3, *size, dtype=torch.float64)
+        whole_fn, tiled_fn = lambda: net(x), lambda: net.tiled(x, tile)
+    else:
+        net = Synthesis([12, 8, 8, 8, 3], GDN).double().eval()
+        halo, out_shape = 2, (2, 3, *size)  # 30 pixels spoilt next to a cut: two latent cells
+        sizes = halvings(*size, 4)[::-1]
+        y = torch.randn(2, 12, *sizes[0], dtype=torch.float64)
+        whole_fn, tiled_fn = lambda: net(y, sizes[1:]), lambda: net.tiled(y, sizes[1:], tile)
+    assert net.halo() == halo
     with torch.no_grad():
-        whole = g_a(x)
-        tiled = g_a.tiled(x, tile)
+        whole = whole_fn()
+        tiled = tiled_fn()
         assert tiled.shape == whole.shape
+        assert out_shape is None or tuple(whole.shape) == out_shape
         assert torch.allclose(tiled, whole, rtol=0, atol=1e-12)
         # The halo is what makes it exact: tiles cut without one see zeros at every cut.
-        g_a.halo = lambda: 0  # type: ignore[method-assign]
+        net.halo = lambda: 0  # type: ignore[method-assign]
         if max(size) > max(tile, 16):
-            assert not torch.allclose(g_a.tiled(x, tile), whole, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("size", [(211, 149), (64, 96), (97, 33)])
-@pytest.mark.parametrize("tile", [16, 40, 64])
-def test_synthesis_in_tiles_is_the_same_function(size: tuple[int, int], tile: int) -> None:
-    from compressai.layers import GDN
-
-    from compass_serve.codec.layers import Synthesis, halvings
-
-    torch.manual_seed(0)
-    g_s = Synthesis([12, 8, 8, 8, 3], GDN).double().eval()
-    assert g_s.halo() == 2  # 30 pixels spoilt next to a cut: two latent cells of 16
-    sizes = halvings(*size, 4)[::-1]
-    y = torch.randn(2, 12, *sizes[0], dtype=torch.float64)
-    with torch.no_grad():
-        whole = g_s(y, sizes[1:])
-        tiled = g_s.tiled(y, sizes[1:], tile)
-        assert tiled.shape == whole.shape == (2, 3, *size)
-        assert torch.allclose(tiled, whole, rtol=0, atol=1e-12)
-        g_s.halo = lambda: 0  # type: ignore[method-assign]
-        if max(size) > max(tile, 16):
-            assert not torch.allclose(g_s.tiled(y, sizes[1:], tile), whole, rtol=0, atol=1e-6)
+            assert not torch.allclose(tiled_fn(), whole, rtol=0, atol=1e-6)
 
 
 def test_coding_in_transform_tiles_gives_the_same_image(monkeypatch: pytest.MonkeyPatch) -> None:
