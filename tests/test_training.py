@@ -175,6 +175,12 @@ def test_export_records_the_validation_row_of_the_exported_weights(tmp_path: Pat
     stages = export_run(run, "tiny", weights="best", store=tmp_path / "store").manifest[
         "training"]["stages"]
     assert stages["joint"] == {"steps": 20, "hours": 0.01}
+    # A tie in the rounded log is settled by the record's step, not guessed as the last row
+    # (session 22: the best 1.21115 at one step, 1.21119 at the next, both logged as 1.2112).
+    (run / "best.progress.json").write_text(json.dumps(
+        {"joint": {"steps": 10, "seconds": 18.0}, "preset": "tiny", "best_joint": 1.04595}))
+    info = export_run(run, "tiny", weights="best", store=tmp_path / "store")
+    assert info.manifest["training"]["validation"]["q1_psnr"] == 27.0
     assert export_run(run, "tiny", weights="last", store=tmp_path / "store").manifest[
         "training"]["stages"]["joint"]["steps"] == 30
 

@@ -36,16 +36,23 @@ def export_run(run: Path, name: str, weights: str = "last", preset: str | None =
         with log.open() as fh:
             rows = list(csv.DictReader(fh))
         if rows:
-            # The row of the exported weights: the last validation, or for "best" the one whose
-            # loss is the stage's recorded best (best is per stage; the log rounds to 4 places,
-            # so of tied rows the last: best.safetensors is rewritten on any improvement).
+            # The row of the exported weights: the last validation, or for "best" the row at the
+            # step its saved record names. Without that record, the row whose loss is the stage's
+            # recorded best; the log rounds to 4 places, so a tie is guessed as the last row, which
+            # can be wrong (a later loss within 5e-5 above the best ties it).
             last = rows[-1]
             if weights == "best":
                 stage = last["stage"]
-                target = float(progress.get(f"best_{stage}", 0.0))
                 stage_rows = [r for r in rows if r["stage"] == stage]
-                gap = min(abs(float(r["val_loss"]) - target) for r in stage_rows)
-                last = [r for r in stage_rows if abs(float(r["val_loss"]) - target) == gap][-1]
+                steps = progress.get(stage, {}).get("steps") if record.exists() else None
+                at_step = [r for r in stage_rows if steps is not None and int(r["step"]) == steps]
+                if at_step:
+                    last = at_step[-1]
+                else:
+                    target = float(progress.get(f"best_{stage}", 0.0))
+                    gap = min(abs(float(r["val_loss"]) - target) for r in stage_rows)
+                    last = [r for r in stage_rows
+                            if abs(float(r["val_loss"]) - target) == gap][-1]
             val = {k: float(v) for k, v in last.items() if k.startswith("q") or k == "val_loss"}
             val["stage"] = last["stage"]
             val["note"] = ("held-out slice, 256-px centre crops, ladder 64/128/256, "
