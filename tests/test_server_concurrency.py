@@ -1,15 +1,22 @@
-"""Concurrent uploads lose nothing; a full encode queue answers 503 + Retry-After and keeps no trace."""
+"""Concurrent uploads lose nothing; a full encode queue answers 503 + Retry-After and keeps no trace;
+a delete racing a read answers 404, never 500, and leaves nothing behind."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from compass_serve.codec.coder import Codec
+from compass_serve.server.encoder import stream_key
 from tests.conftest import photo
 from tests.server_harness import LiveServer, held_encodes, png_bytes, test_settings, upload, wait_ready
 
@@ -96,3 +103,60 @@ def test_concurrent_cold_renditions_share_one_decode(tiny_store: Path, tmp_path:
         assert len({r.content for r in responses}) == 1
         text = c.get("/metrics").text
         assert "compass_decode_duration_seconds_count 1.0" in text
+
+
+@pytest.mark.parametrize("hold", ["before_read", "after_decode"])
+def test_delete_during_a_rendition_decode(tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          hold: str) -> None:
+    """A delete that lands while a rendition is decoding: the GET answers 404 if the stream was already
+    gone when it was read, the picture if it was decoded first; either way nothing of the image stays."""
+    with LiveServer(test_settings(tmp_path, tiny_store)) as srv, srv.client() as c:
+        image_id = c.post("/images", content=png_bytes(photo(64, 48, seed=9)),
+                          params={"wait": "true"}).json()["id"]
+        svc = srv.app.state.service
+        entered, gate = threading.Event(), threading.Event()
+        target, name = (svc.store, "read_range") if hold == "before_read" else (svc, "_decode_rendition")
+        original = getattr(target, name)
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            if hold == "before_read":
+                entered.set()
+                gate.wait(30)
+                return original(*args, **kwargs)
+            out = original(*args, **kwargs)
+            entered.set()
+            gate.wait(30)
+            return out
+
+        monkeypatch.setattr(target, name, held)
+
+        def get() -> httpx.Response:
+            with srv.client() as other:
+                return other.get(f"/images/{image_id}", params={"width": 50, "format": "png"})
+
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(get)
+            assert entered.wait(30)
+            assert c.delete(f"/images/{image_id}").status_code == 204
+            gate.set()
+            r = pending.result(timeout=60)
+        if hold == "before_read":
+            assert r.status_code == 404, r.text
+            assert r.headers["content-type"] == "application/problem+json" and "deleted" in r.json()["detail"]
+        else:
+            assert r.status_code == 200, r.text
+            assert Image.open(io.BytesIO(r.content)).size[0] == 50
+        assert svc.cache.get(image_id, 50, "png") is None
+        assert not any(image_id in str(p) for p in srv.settings.data_dir.rglob("*"))
+        assert c.get(f"/images/{image_id}", params={"width": 50, "format": "png"}).status_code == 404
+
+
+def test_bitstream_whose_file_vanished_is_404(tiny_store: Path, tmp_path: Path) -> None:
+    """The stream deleted between the row lookup and the file's stat: a 404, not a 500."""
+    with LiveServer(test_settings(tmp_path, tiny_store)) as srv, srv.client() as c:
+        image_id = c.post("/images", content=png_bytes(photo(64, 48, seed=10)),
+                          params={"wait": "true"}).json()["id"]
+        svc = srv.app.state.service
+        assert svc.store.delete(stream_key(image_id))  # the row stays: the window a delete races through
+        r = c.get(f"/images/{image_id}/bitstream", headers={"Range": "bytes=0-9"})
+        assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"

@@ -12,6 +12,8 @@ loud summary (tests/conftest.py); `COMPASS_REQUIRE_BROWSER=1` (set by .ci/run) m
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,9 @@ class PageLog:
         page.on("request", lambda req: self.requests.append(req))
         page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
         page.on("console", lambda msg: msg.type == "error" and self.problems.append(f"console: {msg.text}"))
+        # Chromium's console line for a failed load has no URL; this one says which request it was.
+        page.on("response", lambda r: r.status >= 400
+                and self.problems.append(f"http {r.status}: {r.request.method} {r.url}"))
 
     def bitstream_ranges(self) -> list[tuple[str, str | None]]:
         return [(r.method, r.all_headers().get("range")) for r in self.requests
@@ -230,13 +235,33 @@ def test_write_api_key_from_the_page(browser: Any, photo_file: Path, tiny_store:
             page.click("#key-box summary")
             page.fill("#api-key", "s3cret-key")
             assert page.evaluate("sessionStorage.getItem('compass-serve.api-key')") == "s3cret-key"
+            # Renditions' decodes are held at a gate, so the page still waits for its pictures (the
+            # responsive one, the thumbnail) when it deletes the image below: it must cancel those loads
+            # first, or the 404 they would now get shows up as an error.
+            svc = srv.app.state.service
+            entered, gate = threading.Event(), threading.Event()
+            original = svc._decode_rendition
+
+            def held(*args: Any, **kwargs: Any) -> Any:
+                entered.set()
+                gate.wait(30)
+                return original(*args, **kwargs)
+
+            svc._decode_rendition = held
             page.click("#upload-btn")
             _wait_status(page, "Ready")
             posts = [r for r in log.requests if r.method == "POST"]
             assert [r.all_headers().get("x-api-key") for r in posts] == [None, "s3cret-key"]
             page.on("dialog", lambda d: d.accept())
+            assert entered.wait(30)
             page.click("#delete-current")
             _wait_status(page, "Deleted")
+            gate.set()
+            deadline = time.monotonic() + 30
+            while svc._decodes:  # the held decode has answered (its client is gone)
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            page.wait_for_timeout(300)  # time for a late answer to show up as a console error
             deletes = [r for r in log.requests if r.method == "DELETE"]
             assert [r.all_headers().get("x-api-key") for r in deletes] == ["s3cret-key"]
             # The 401 answer is logged by Chromium as a failed resource; nothing else may go wrong.

@@ -471,6 +471,23 @@ class ImageService:
                           code="model_mismatch") from None
 
     def _render(self, row: ImageRecord, width: int, fmt: str) -> bytes:
+        try:
+            data = self._decode_rendition(row, width, fmt)
+        except Exception:
+            # A delete can land between get_ready and the read of the stream: that is a 404, not a
+            # failure of the decoder (or, offloaded, of a worker).
+            if self.db.get(row.id) is None:
+                raise Problem(404, f"image {row.id!r} was deleted while it was being decoded",
+                              code="not_found") from None
+            raise
+        self.cache.put(row.id, width, fmt, data)
+        if self.db.get(row.id) is None:
+            # Deleted while decoding: delete() drops the cache after the row, so a put that came after
+            # that drop would outlive the image. The row is gone first, so this check sees it.
+            self.cache.drop_image(row.id)
+        return data
+
+    def _decode_rendition(self, row: ImageRecord, width: int, fmt: str) -> bytes:
         codec = self.codec_for(row)
         assert row.header is not None
         layers = row.header["layers"]
@@ -501,7 +518,6 @@ class ImageService:
                               f"{exc}", code="model_mismatch") from None
             data = encode_image(out.image, fmt, quality=quality)
         self.metrics.decode_seconds.observe(time.perf_counter() - t0)
-        self.cache.put(row.id, width, fmt, data)
         return data
 
 

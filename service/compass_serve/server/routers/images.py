@@ -245,7 +245,10 @@ def create_router(settings: Settings, output_formats: tuple[str, ...]) -> APIRou
         path = svc.store.local_path(key)
         if path is None:
             return await remote_bitstream(request, svc, key, row.size, headers)
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:  # deleted since get_ready
+            raise Problem(404, f"no image with id {image_id!r}", code="not_found") from None
         http_range = request.headers.get("range")
         if_range = request.headers.get("if-range")
         response = RangeFileResponse(path, headers=headers, media_type="application/octet-stream",

@@ -289,6 +289,7 @@ function renderResponsive() {
 
 function updateResponsive() {
   const m = state.manifest;
+  if (!m) return; // the image was closed or deleted while the slider's timer ran
   const w = Number($("display-width").value);
   $("display-width-out").textContent = `${w} px`;
   // A fresh element each time, so the choice is the one a first page load at this width makes
@@ -338,10 +339,15 @@ function wireImage() {
 // -- browse and delete ------------------------------------------------------------------------------------
 async function remove(id) {
   if (!window.confirm(`Delete ${label(id)}? Its stream and cached renditions are removed.`)) return;
+  // Renditions of it still loading (a thumbnail, the responsive picture) could only end in a 404 once it
+  // is gone: cancel them first.
+  const stopped = stopRenditionLoads(id);
   try {
     await deleteImage(id);
   } catch (err) {
     say(errorText(err), "error");
+    if (stopped && state.manifest && state.manifest.id === id) updateResponsive();
+    if (stopped) refreshList();
     return;
   }
   say(`Deleted ${label(id)}.`, "ok");
@@ -351,6 +357,19 @@ async function remove(id) {
     history.replaceState(null, "", location.pathname);
   }
   refreshList();
+}
+
+/** Drop the source of every <img> showing a rendition of `id` (which aborts a load in flight). */
+function stopRenditionLoads(id) {
+  const path = renditionUrl(id, 1).split("?")[0];
+  let n = 0;
+  for (const img of document.querySelectorAll("img[src]")) {
+    if (new URL(img.src, location.href).pathname !== path) continue;
+    img.removeAttribute("srcset");
+    img.removeAttribute("src");
+    n += 1;
+  }
+  return n > 0;
 }
 
 function listItem(item) {
