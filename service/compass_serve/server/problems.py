@@ -71,6 +71,11 @@ class Problem(Exception):
         return ProblemResponse(body, status_code=self.status, headers=self.headers)
 
 
+def image_not_found(image_id: str) -> Problem:
+    """The 404 of every route that names an image which does not exist (or no longer does)."""
+    return Problem(404, f"no image with id {image_id!r}", code="not_found")
+
+
 def _phrase(status: int) -> str:
     try:
         return HTTPStatus(status).phrase

@@ -46,7 +46,7 @@ from compass_serve.server.encoder import (
     stream_key,
 )
 from compass_serve.server.metrics import Metrics
-from compass_serve.server.problems import Problem
+from compass_serve.server.problems import Problem, image_not_found
 from compass_serve.server.renditions import RenditionCache
 from compass_serve.server.settings import OUTPUT_FORMATS, Settings
 from compass_serve.server.storage import BlobStore, open_store
@@ -406,7 +406,7 @@ class ImageService:
     async def get_ready(self, image_id: str) -> ImageRecord:
         row = await self.get(image_id)
         if row is None:
-            raise Problem(404, f"no image with id {image_id!r}", code="not_found")
+            raise image_not_found(image_id)
         if row.status == PENDING:
             raise Problem(409, "the image is still being encoded; poll its manifest", code="not_ready",
                           headers={"Retry-After": "1"})

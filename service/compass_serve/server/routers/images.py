@@ -21,7 +21,7 @@ from compass_serve.server.httputil import (
     negotiate,
     strong_etag,
 )
-from compass_serve.server.problems import Problem
+from compass_serve.server.problems import Problem, image_not_found
 from compass_serve.server.security import check_api_key, require_api_key, require_signature
 from compass_serve.server.service import ImageService, UploadOptions, layer_for_width, stream_key
 from compass_serve.server.settings import Settings
@@ -200,7 +200,7 @@ def create_router(settings: Settings, output_formats: tuple[str, ...]) -> APIRou
     ) -> JSONResponse:
         row = await svc.get(image_id)
         if row is None:
-            raise Problem(404, f"no image with id {image_id!r}", code="not_found")
+            raise image_not_found(image_id)
         headers = {"Cache-Control": "no-cache"}
         if row.status == PENDING:
             headers["Retry-After"] = "1"
@@ -248,7 +248,7 @@ def create_router(settings: Settings, output_formats: tuple[str, ...]) -> APIRou
         try:
             stat = os.stat(path)
         except FileNotFoundError:  # deleted since get_ready
-            raise Problem(404, f"no image with id {image_id!r}", code="not_found") from None
+            raise image_not_found(image_id) from None
         http_range = request.headers.get("range")
         if_range = request.headers.get("if-range")
         response = RangeFileResponse(path, headers=headers, media_type="application/octet-stream",
@@ -340,7 +340,7 @@ def create_router(settings: Settings, output_formats: tuple[str, ...]) -> APIRou
         svc: Svc, image_id: ImageId,
     ) -> Response:
         if not await svc.delete(image_id):
-            raise Problem(404, f"no image with id {image_id!r}", code="not_found")
+            raise image_not_found(image_id)
         return Response(status_code=204)
 
     return router
