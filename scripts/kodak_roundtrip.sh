@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CLI round trip on every Kodak image: encode with the default 3-layer ladder, then decode
 # every layer from its own byte prefix (a separate file cut at the layer boundary), and report
-# the size and PSNR of each layer. Usage: scripts/kodak_roundtrip.sh [KODAK_DIR] [OUT_DIR]
+# the size and PSNR of each layer (a markdown table on stdout). Usage: scripts/kodak_roundtrip.sh [KODAK_DIR] [OUT_DIR]
 set -euo pipefail
 KODAK=${1:-../shared/data/kodak}
 OUT=${2:-runs/kodak-roundtrip}
@@ -18,7 +18,7 @@ for src in "$KODAK"/kodim*.png; do
     head -c "$end" "$OUT/$name.cmp" > "$OUT/$name.prefix$k.cmp"
     "$CLI" decode "$OUT/$name.prefix$k.cmp" -o "$OUT/$name.layer$k.png" >/dev/null
   done
-  echo "$name: $n layers ok"
+  echo "$name: $n layers ok" >&2  # progress on stderr: stdout is the table
 done
 "$PY" - "$KODAK" "$OUT" <<'PY'
 import json, sys
