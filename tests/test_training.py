@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from compass_serve.codec.registry import state_dict_for_save
 from compass_serve.training.train import STAGES, TrainArgs, Trainer
 from tests.conftest import photo
 
@@ -292,3 +296,37 @@ def test_bf16_training_trains_the_stage_and_rejects_unknown_precisions(
     assert 0 < float(row["val_loss"]) < float("inf")
     with pytest.raises(ValueError, match="precision"):
         Trainer(args(data, tmp_path / "x", "joint", precision="fp16"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_run_after_its_step_and_saves_it(
+    data: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
+    # A budget the test would never wait out: only the signal ends this run.
+    t = Trainer(args(data, tmp_path, "residual", minutes=30.0))
+    step = t.step
+    calls = 0
+
+    def step_then_signal() -> dict[str, float]:
+        nonlocal calls
+        calls += 1
+        stats = step()
+        if calls == 3:
+            os.kill(os.getpid(), signum)
+        return stats
+
+    t.step = step_then_signal  # type: ignore[method-assign]
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    t.run()
+    assert calls == 3
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    saved = json.loads((tmp_path / "progress.json").read_text())["residual"]
+    assert saved["steps"] == 3 and 0 < saved["seconds"] < 30 * 60
+    weights = load_file(str(tmp_path / "last.safetensors"))
+    trained = state_dict_for_save(t.model)
+    assert all(torch.equal(weights[k], trained[k]) for k in trained)
+    assert (tmp_path / "optimizer-residual.pt").exists()
+    # The resume picks up at step 3 with the saved weights.
+    resumed = Trainer(args(data, tmp_path, "residual", minutes=30.0))
+    assert resumed.stage_state["steps"] == 3
+    assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in t.model.state_dict().items())

@@ -8,6 +8,9 @@ Stages (each runnable on its own, all sharing one run directory):
 Each stage has a time budget; the learning rate holds, then decays by cosine over the last
 40% of it (a constant rate plateaus on this hardware). Variable rate: every sample draws one
 of the model's quality levels and its lambda.
+
+SIGINT or SIGTERM stops a run after its current step and saves it (weights, Adam state,
+progress), so a stopped run resumes exactly where it stopped; a second signal aborts at once.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +129,7 @@ class Trainer:
         self.lambdas = torch.tensor(self.cfg.lambdas, device=self.device)
         self.progress: dict[str, dict[str, float]] = {}
         self.source_run: Path | None = None  # the run an --init-from checkpoint came from
+        self.stop_requested = False
         self._load()
         train_paths, held = split_holdout(list_images(args.data))
         self.sampler = CropSampler(load_all(train_paths, "train images"), args.seed + self.steps)
@@ -370,7 +378,33 @@ class Trainer:
         return res
 
     # -- loop --------------------------------------------------------------------------------------
+    @contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM ask the loop to stop after its step (a KeyboardInterrupt mid-step
+        would lose everything since the last checkpoint); a second signal aborts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            log.warning("%s: stopping after this step and saving the run",
+                        signal.Signals(signum).name)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
     def run(self) -> None:
+        with self._stop_on_signals():
+            self._run()
+
+    def _run(self) -> None:
         a = self.args
         budget = a.minutes * 60
         st = self.stage_state
@@ -432,6 +466,10 @@ class Trainer:
                     self.save("last")
                     last_ckpt = time.monotonic()
                     t_prev = last_ckpt
+                if self.stop_requested:
+                    log.info("%s stopped at step %d (%.1f of %.1f min); saved", a.stage,
+                             st["steps"], st["seconds"] / 60, a.minutes)
+                    break
             bar.close()
         self.save("last")
 
