@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -147,3 +148,46 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert s.db_url == f"sqlite:///{(tmp_path / 'compass.db').resolve()}"
     monkeypatch.delenv("COMPASS_PORT")
     assert Settings().port == 8000 and Settings(data_dir=Path("x")).data_dir == Path("x")
+
+
+@pytest.mark.parametrize(("method", "http_range", "status", "expected"), [
+    ("GET", None, 200, bytes(range(100))),
+    ("GET", "bytes=10-19", 206, bytes(range(10, 20))),
+    ("GET", "bytes=0-1,90-", 206, None),  # multipart: both parts checked below
+    ("HEAD", None, 200, b""),
+])
+def test_an_opened_file_response_outlives_the_files_deletion(
+    tmp_path: Path, method: str, http_range: str | None, status: int, expected: bytes | None
+) -> None:
+    """The bitstream route opens the file before returning, so a DELETE between the route and
+    the send cannot cut the response short (FileResponse opens its path only when it sends)."""
+    path = tmp_path / "stream.bin"
+    path.write_bytes(bytes(range(100)))
+    response = RangeFileResponse.opened(path, media_type="application/octet-stream")
+    path.unlink()  # the DELETE, after the route returned
+    headers = [(b"range", http_range.encode())] if http_range else []
+    scope = {"type": "http", "method": method, "headers": headers, "path": "/"}
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        await asyncio.Event().wait()  # the client stays connected
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    asyncio.run(response(scope, receive, send))
+    assert sent[0]["status"] == status
+    body = b"".join(m.get("body", b"") for m in sent[1:])  # type: ignore[misc]
+    if expected is None:
+        assert dict(sent[0]["headers"])[b"content-type"].startswith(  # type: ignore[call-overload]
+            b"multipart/byteranges")
+        assert bytes(range(2)) in body and bytes(range(90, 100)) in body
+    else:
+        assert body == expected
+    assert response._file is not None and response._file.closed
+
+
+def test_an_opened_file_response_reports_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        RangeFileResponse.opened(tmp_path / "gone.bin")

@@ -9,11 +9,23 @@ relative to RFC 9110 is filled in by `RangeFileResponse`:
 * a range-set with at least one satisfiable range is served (only those ranges); Starlette
   answers 416 as soon as any one range starts past the end (§14.1.1 / §15.5.17);
 * 416 is produced by the route, as a problem document with `Content-Range: bytes */len`.
+
+`RangeFileResponse.opened` serves a file the route has already opened: FileResponse would open
+its path only after the route returned, so a DELETE in between would cut the response short;
+an open file survives its unlink (POSIX) and its fstat matches what is sent.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import anyio
 from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
+from starlette.types import Receive, Scope, Send
 
 # Renditions and bitstreams never change under a URL (ids are content hashes).
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -21,6 +33,40 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 
 class RangeFileResponse(FileResponse):
     """FileResponse with RFC 9110 handling of invalid and partly unsatisfiable range sets."""
+
+    _file: BinaryIO | None = None
+
+    @classmethod
+    def opened(cls, path: str | os.PathLike[str], **kwargs: Any) -> RangeFileResponse:
+        """A response over `path` opened now (FileNotFoundError if it is gone); the file is
+        closed when the response has been sent, or by `close` if it never is."""
+        fh = Path(path).open("rb")  # noqa: SIM115 - the response owns it from here
+        try:
+            response = cls(path, stat_result=os.fstat(fh.fileno()), **kwargs)
+        except BaseException:
+            fh.close()
+            raise
+        response._file = fh
+        return response
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.close()
+
+    @asynccontextmanager
+    async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
+        if self._file is None:
+            async with super()._open_file() as file:
+                yield file
+            return
+        self._file.seek(0)  # closed by __call__, once, after every range has been read
+        yield anyio.AsyncFile(self._file)
 
     @classmethod
     def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -246,18 +245,20 @@ def create_router(settings: Settings, output_formats: tuple[str, ...]) -> APIRou
         if path is None:
             return await remote_bitstream(request, svc, key, row.size, headers)
         try:
-            stat = os.stat(path)
+            # Opened here, not after the route returns: a DELETE from now on cannot cut it short.
+            response = RangeFileResponse.opened(path, headers=headers,
+                                                media_type="application/octet-stream")
         except FileNotFoundError:  # deleted since get_ready
             raise image_not_found(image_id) from None
+        size = int(response.headers["content-length"])
         http_range = request.headers.get("range")
         if_range = request.headers.get("if-range")
-        response = RangeFileResponse(path, headers=headers, media_type="application/octet-stream",
-                                     stat_result=stat)
         use_range = http_range is not None and (if_range is None or response._should_use_range(if_range))
-        if use_range and RangeFileResponse.evaluate(http_range, stat.st_size) is None:
-            raise Problem(416, f"no requested range starts inside the {stat.st_size}-byte stream",
+        if use_range and RangeFileResponse.evaluate(http_range, size) is None:
+            response.close()
+            raise Problem(416, f"no requested range starts inside the {size}-byte stream",
                           code="range_not_satisfiable",
-                          headers={"Content-Range": f"bytes */{stat.st_size}", **headers})
+                          headers={"Content-Range": f"bytes */{size}", **headers})
         return response
 
     # -- renditions --------------------------------------------------------------------------------
