@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +103,36 @@ def test_train_runs_a_stage_in_bfloat16_and_rejects_other_precisions(
     assert "val_loss" in (out / "log.csv").read_text().splitlines()[0]
     res = cli(tiny_store, *common, "--precision", "fp16", check=False)
     assert res.returncode == 2 and "invalid choice: 'fp16'" in res.stderr
+
+
+def test_sigint_stops_training_saves_the_stage_and_starts_no_later_one(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(21):
+        photo(72, 64, seed=i).save(data / f"{i:02d}.png")
+    out = tmp_path / "run"
+    env = {**os.environ, "COMPASS_MODEL_STORE": str(tiny_store)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "compass_serve.cli", "train", "--stage", "residual", "joint",
+         "--preset", "tiny", "--data", str(data), "--out", str(out), "--minutes", "30",
+         "--crop", "48", "--batch", "2", "--threads", "1"],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # log.csv is opened once the signal handlers are in place, just before the first step.
+        deadline = time.monotonic() + 120
+        while not (out / "log.csv").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()  # type: ignore[union-attr]
+            time.sleep(0.2)
+        time.sleep(1.0)  # a few steps
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "stopped during stage residual" in stderr
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["residual"]["steps"] > 0
+    assert progress.get("joint", {}).get("steps", 0) == 0  # the next stage never started
+    assert (out / "last.safetensors").exists() and (out / "optimizer-residual.pt").exists()

@@ -66,7 +66,7 @@ def test_each_stage_moves_only_its_own_parameters(data: Path, tmp_path: Path) ->
 
 
 def test_a_longer_budget_resumes_where_the_run_stopped(data: Path, tmp_path: Path) -> None:
-    Trainer(args(data, tmp_path, "residual")).run()
+    assert Trainer(args(data, tmp_path, "residual")).run() is True  # ran to its budget
     first = json.loads((tmp_path / "progress.json").read_text())["residual"]
     Trainer(args(data, tmp_path, "residual", minutes=0.06)).run()
     second = json.loads((tmp_path / "progress.json").read_text())["residual"]
@@ -317,7 +317,7 @@ def test_a_signal_stops_the_run_after_its_step_and_saves_it(
 
     t.step = step_then_signal  # type: ignore[method-assign]
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    t.run()
+    assert t.run() is False  # stopped, not finished
     assert calls == 3
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     saved = json.loads((tmp_path / "progress.json").read_text())["residual"]

@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for stage in args.stage:
-        train(TrainArgs(
+        finished = train(TrainArgs(
             stage=stage, preset=args.preset, data=args.data, out=args.out, minutes=args.minutes,
             lr=args.lr, batch=args.batch, crop=args.crop, seed=args.seed, device=args.device,
             threads=args.threads, resume=not args.fresh, init_from=args.init_from,
@@ -113,6 +113,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             checkpoint_minutes=args.checkpoint_minutes, cycle_minutes=args.cycle_minutes,
             precision=args.precision,
         ))
+        if not finished:  # stopped by a signal: later stages must not start
+            logging.getLogger(__name__).warning("stopped during stage %s; saved, resumable", stage)
+            return 130
     return 0
 
 

@@ -400,9 +400,11 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Train to the budget; False if a signal stopped the run first (it is saved either way)."""
         with self._stop_on_signals():
             self._run()
+        return not self.stop_requested
 
     def _run(self) -> None:
         a = self.args
@@ -467,7 +469,7 @@ class Trainer:
                     last_ckpt = time.monotonic()
                     t_prev = last_ckpt
                 if self.stop_requested:
-                    log.info("%s stopped at step %d (%.1f of %.1f min); saved", a.stage,
+                    log.info("%s stopped at step %d (%.1f of %.1f min); saving", a.stage,
                              st["steps"], st["seconds"] / 60, a.minutes)
                     break
             bar.close()
@@ -482,5 +484,6 @@ def run_preset(run: Path) -> str:
     return str(record.get("preset", "lite"))
 
 
-def train(args: TrainArgs) -> None:
-    Trainer(args).run()
+def train(args: TrainArgs) -> bool:
+    """One stage; False if a signal stopped it before its budget."""
+    return Trainer(args).run()
