@@ -25,6 +25,14 @@ def cli(store: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
                           text=True, env=env, cwd=REPO, timeout=300, check=check)
 
 
+def train_data(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(21):  # every 20th image is the held-out slice
+        photo(72, 64, seed=i).save(data / f"{i:02d}.png")
+    return data
+
+
 def test_encode_info_decode_round_trip(tiny_store: Path, tmp_path: Path) -> None:
     src = tmp_path / "in.png"
     photo(160, 100).save(src)
@@ -90,10 +98,7 @@ def test_errors_are_one_line_not_tracebacks(tiny_store: Path, tmp_path: Path) ->
 def test_train_runs_a_stage_in_bfloat16_and_rejects_other_precisions(
     tiny_store: Path, tmp_path: Path
 ) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(21):  # every 20th image is the held-out slice
-        photo(72, 64, seed=i).save(data / f"{i:02d}.png")
+    data = train_data(tmp_path)
     out = tmp_path / "run"
     common = ["train", "--stage", "backbone", "--preset", "tiny", "--data", str(data), "--out",
               str(out), "--minutes", "0.02", "--crop", "48", "--batch", "2", "--threads", "1"]
@@ -108,10 +113,7 @@ def test_train_runs_a_stage_in_bfloat16_and_rejects_other_precisions(
 def test_sigint_stops_training_saves_the_stage_and_starts_no_later_one(
     tiny_store: Path, tmp_path: Path
 ) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(21):
-        photo(72, 64, seed=i).save(data / f"{i:02d}.png")
+    data = train_data(tmp_path)
     out = tmp_path / "run"
     env = {**os.environ, "COMPASS_MODEL_STORE": str(tiny_store)}
     proc = subprocess.Popen(

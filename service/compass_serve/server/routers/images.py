@@ -250,7 +250,8 @@ def create_router(settings: Settings, output_formats: tuple[str, ...]) -> APIRou
                                                 media_type="application/octet-stream")
         except FileNotFoundError:  # deleted since get_ready
             raise image_not_found(image_id) from None
-        size = int(response.headers["content-length"])
+        assert response.stat_result is not None  # opened() fstat-s the file it serves
+        size = response.stat_result.st_size
         http_range = request.headers.get("range")
         if_range = request.headers.get("if-range")
         use_range = http_range is not None and (if_range is None or response._should_use_range(if_range))
