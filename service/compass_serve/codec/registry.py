@@ -66,6 +66,12 @@ PRESETS: dict[str, CompassConfig] = {
     "lite-wide-rc192-ga192-gs128": replace(
         _LITE, residual=replace(_LITE.residual, m=192, n_analysis=192, n_synthesis=128),
     ).with_lambdas(WIDE_LAMBDAS),
+    # gs128 with the residual analysis transform at 256 (session 26): `decode_breakdown.py
+    # --widen-synthesis 192` priced a wider synthesis at ~0.25 s more a Kodak decode, too close to
+    # the 1.0 s target, while encoder capacity costs encode time only.
+    "lite-wide-rc192-ga256-gs128": replace(
+        _LITE, residual=replace(_LITE.residual, m=192, n_analysis=256, n_synthesis=128),
+    ).with_lambdas(WIDE_LAMBDAS),
     # The paper's sizes: mbt2018-mean N=128, M=192; RDN 64 ch, 4x4 convs, growth 32; MLP 4x256.
     "paper": CompassConfig(
         base=BackboneConfig(n=128, m=192),
