@@ -80,6 +80,24 @@ def test_models_lists_the_store(tiny_store: Path) -> None:
     assert "(tiny.safetensors, tiny.encoder.safetensors)" in text
 
 
+def test_models_presets_counts_each_part(tiny_store: Path) -> None:
+    from compass_serve.codec.registry import PRESETS
+
+    counts = json.loads(cli(tiny_store, "models", "--presets", "--json").stdout)
+    assert set(counts) == set(PRESETS)
+    for c in counts.values():
+        assert c["rc_analysis"] + c["rc_synthesis"] < c["rc"]
+        assert min(c.values()) > 0
+    wide, wider = counts["lite-wide-rc192-ga192-gs128"], counts["lite-wide-rc192-ga256-gs128"]
+    # Widening the analysis transform grows the RC by exactly its analysis, nothing else.
+    assert wider["rc_analysis"] > wide["rc_analysis"]
+    assert wider["rc"] - wide["rc"] == wider["rc_analysis"] - wide["rc_analysis"]
+    assert (wider["ic"], wider["rc_synthesis"], wider["liff"]) == (
+        wide["ic"], wide["rc_synthesis"], wide["liff"])
+    text = cli(tiny_store, "models", "--presets").stdout
+    assert all(name in text for name in PRESETS)
+
+
 def test_errors_are_one_line_not_tracebacks(tiny_store: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")

@@ -79,8 +79,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from compass_serve.codec.registry import list_models
+    from compass_serve.codec.registry import PRESETS, list_models, preset_parameters
 
+    if args.presets:
+        counts = {name: preset_parameters(name) for name in PRESETS}
+        if args.json:
+            print(json.dumps(counts, indent=2))
+            return 0
+        print(f"{'preset':30} {'IC':>8} {'RC':>8} {'RC g_a':>8} {'RC g_s':>8} {'LIFF':>8}  (M)")
+        for name, c in counts.items():
+            print(f"{name:30} " + " ".join(f"{c[k] / 1e6:8.2f}" for k in
+                                           ("ic", "rc", "rc_analysis", "rc_synthesis", "liff")))
+        return 0
     models = list_models(archived=args.all)
     if args.json:
         print(json.dumps([{"name": m.name, "preset": m.preset, "qualities": m.qualities,
@@ -312,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the shipped models")
     m.add_argument("--json", action="store_true")
     m.add_argument("--all", action="store_true", help="also list archived weight versions")
+    m.add_argument("--presets", action="store_true",
+                   help="list the presets' parameter counts (IC, RC and its transforms, LIFF)")
     m.set_defaults(func=cmd_models)
 
     t = sub.add_parser("train", help="train a model (staged, resumable)")

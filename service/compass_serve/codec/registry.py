@@ -88,6 +88,20 @@ PRESETS: dict[str, CompassConfig] = {
 }
 
 
+def preset_parameters(name: str) -> dict[str, int]:
+    """Parameter counts of a preset's parts (the README's presets table comes from these): the
+    base layer's codec (IC), the residual codec (RC) with its analysis and synthesis transforms,
+    and LIFF. The RC's analysis runs only at encode time, its synthesis at every decode."""
+    model = Compass(PRESETS[name])
+    rc = model.enhancement.residual
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    return {"ic": count(model.base.codec), "rc": count(rc), "rc_analysis": count(rc.g_a),
+            "rc_synthesis": count(rc.g_s), "liff": count(model.enhancement.liff)}
+
+
 def default_store() -> Path:
     """`COMPASS_MODEL_STORE`, else the repository's `model_store/` next to `service/`."""
     env = os.environ.get("COMPASS_MODEL_STORE")
