@@ -77,6 +77,18 @@ def test_a_longer_budget_resumes_where_the_run_stopped(data: Path, tmp_path: Pat
     assert len(lines) == 3
 
 
+def test_a_budget_already_spent_trains_nothing_and_says_so(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    Trainer(args(data, tmp_path, "residual", minutes=0.06)).run()
+    before = json.loads((tmp_path / "progress.json").read_text())["residual"]
+    with caplog.at_level("WARNING", logger="compass_serve.training.train"):
+        assert Trainer(args(data, tmp_path, "residual", minutes=0.03)).run() is True
+    after = json.loads((tmp_path / "progress.json").read_text())["residual"]
+    assert after["steps"] == before["steps"]
+    assert "nothing to train" in caplog.text and "--minutes 0.03" in caplog.text
+
+
 def test_warm_up_ramps_from_zero_or_from_the_resumed_rate(data: Path, tmp_path: Path) -> None:
     fresh = Trainer(args(data, tmp_path, "residual", lr=1e-3, resume=False))
     assert fresh.start_lr == 0.0

@@ -416,6 +416,12 @@ class Trainer:
             f"q{i + 1}_{k}" for i in range(len(self.cfg.lambdas)) for k in ("bpp", "psnr")
         ] + ["val_loss"]
         best = self.progress.get(f"best_{a.stage}", float("inf"))
+        if st["seconds"] >= budget:
+            # --minutes counts the minutes already run (e.g. those of --init-from's weights), so
+            # a small budget on a trained stage is a silent no-op without this.
+            log.warning("%s stage already has %.1f minutes, at or past --minutes %g: nothing to "
+                        "train (--minutes is the stage's whole budget; pass more than %.1f)",
+                        a.stage, st["seconds"] / 60, a.minutes, st["seconds"] / 60)
         with log_path.open("a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
             if new_log:
