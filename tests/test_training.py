@@ -201,6 +201,46 @@ def test_export_records_the_validation_row_of_the_exported_weights(tmp_path: Pat
         "training"]["stages"]["joint"]["steps"] == 30
 
 
+def test_export_log_reads_and_plots_a_log_outside_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`export --log`: the committed log a run's rows were appended to, no staging copy."""
+    from safetensors.torch import save_file
+
+    from compass_serve.cli import main
+    from compass_serve.codec.registry import PRESETS, build, state_dict_for_save
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(state_dict_for_save(build(PRESETS["tiny"])), str(run / "best.safetensors"))
+    for record in ("progress.json", "best.progress.json"):
+        (run / record).write_text(json.dumps(
+            {"joint": {"steps": 20, "seconds": 36.0}, "preset": "tiny", "best_joint": 1.046}))
+    fields = ["stage", "step", "hours", "q1_psnr", "val_loss"]
+    for path, psnr in ((run / "log.csv", 21.0), (tmp_path / "committed.csv", 28.0)):
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerow({"stage": "joint", "step": 10, "hours": 0.005, "q1_psnr": psnr - 1,
+                        "val_loss": "1.0500"})
+            w.writerow({"stage": "joint", "step": 20, "hours": 0.01, "q1_psnr": psnr,
+                        "val_loss": "1.0460"})
+    store = tmp_path / "store"
+    monkeypatch.setenv("COMPASS_MODEL_STORE", str(store))
+    plot = tmp_path / "curve.png"
+    assert main(["export", "--run", str(run), "--name", "tiny", "--weights", "best",
+                 "--log", str(tmp_path / "committed.csv"), "--plot", str(plot)]) == 0
+    manifest = json.loads((store / "tiny.json").read_text())
+    assert manifest["training"]["validation"]["q1_psnr"] == 28.0
+    assert plot.stat().st_size > 1000
+    # Without --log the run's own log is read; a --log that does not exist is refused.
+    assert main(["export", "--run", str(run), "--name", "tiny", "--weights", "best"]) == 0
+    assert json.loads((store / "tiny.json").read_text())["training"]["validation"][
+        "q1_psnr"] == 21.0
+    assert main(["export", "--run", str(run), "--name", "tiny", "--weights", "best",
+                 "--log", str(tmp_path / "missing.csv")]) == 2
+
+
 def test_init_from_a_narrower_residual_latent_widens_it_and_trains_a_new_cycle(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -194,7 +194,11 @@ def cmd_curve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from compass_serve.training.export import export_run
 
-    info = export_run(Path(args.run), args.name, weights=args.weights)
+    log = Path(args.log) if args.log else Path(args.run) / "log.csv"
+    if args.log and not log.exists():
+        print(f"no such log: {log}", file=sys.stderr)
+        return 2
+    info = export_run(Path(args.run), args.name, weights=args.weights, log=log)
     print(f"exported {info.path} (sha256 {info.sha256[:16]}...)")
     if args.plot:
         import csv
@@ -202,7 +206,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from compass_serve.evaluation.curve import CURVE_STAGES
         from compass_serve.evaluation.plots import learning_curve
 
-        with (Path(args.run) / "log.csv").open() as fh:
+        with log.open() as fh:
             rows = [r for r in csv.DictReader(fh) if r["stage"] in CURVE_STAGES]
         learning_curve(rows, Path(args.plot), f"{args.name}: held-out PSNR while training")
         print(f"learning curve: {args.plot}")
@@ -400,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--name", default="lite")
     ex.add_argument("--weights", default="last", choices=["last", "best"])
     ex.add_argument("--plot", default=None, help="also plot the run's learning curve (PNG)")
+    ex.add_argument("--log", default=None,
+                    help="validation log to record and plot (default: the run's log.csv), e.g. a "
+                         "committed log the run's rows were appended to")
     ex.set_defaults(func=cmd_export)
 
     sv = sub.add_parser("serve", help="run the HTTP service (settings: COMPASS_* environment variables)")

@@ -22,7 +22,9 @@ LICENSE_NOTE = (
 
 
 def export_run(run: Path, name: str, weights: str = "last", preset: str | None = None,
-               store: Path | None = None) -> ModelInfo:
+               store: Path | None = None, log: Path | None = None) -> ModelInfo:
+    """`log` is the validation log to read (default: the run's own log.csv); a committed log
+    that a run's rows were appended to serves as well, so no staging directory is needed."""
     # The record saved with the exported weights (best.progress.json), else the run's latest.
     record = run / f"{weights}.progress.json"
     progress = json.loads((record if record.exists() else run / "progress.json").read_text())
@@ -31,7 +33,7 @@ def export_run(run: Path, name: str, weights: str = "last", preset: str | None =
     stages = {k: {"steps": int(v["steps"]), "hours": round(v["seconds"] / 3600, 3)}
               for k, v in progress.items() if isinstance(v, dict)}
     val = {}
-    log = run / "log.csv"
+    log = log or run / "log.csv"
     if log.exists():
         with log.open() as fh:
             rows = list(csv.DictReader(fh))
