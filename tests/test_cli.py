@@ -80,6 +80,21 @@ def test_models_lists_the_store(tiny_store: Path) -> None:
     assert "(tiny.safetensors, tiny.encoder.safetensors)" in text
 
 
+def test_models_shows_the_training_record_that_init_from_continues() -> None:
+    """The shipped manifest's stage minutes are what `train --minutes` counts from."""
+    from compass_serve.codec.registry import default_store
+
+    store = default_store()
+    shipped = json.loads((store / "lite.json").read_text())["training"]["stages"]
+    listed = {m["name"]: m for m in json.loads(cli(store, "models", "--json").stdout)}
+    assert listed["lite"]["training_stages"] == shipped
+    text = cli(store, "models").stdout
+    joint = shipped["joint"]
+    assert f"joint {joint['hours']:.2f} h / {joint['steps']} steps ({joint['hours'] * 60:.0f} min)" \
+        in text
+    assert f"trained {sum(v['hours'] for v in shipped.values()):.1f} h" in text
+
+
 def test_models_presets_counts_each_part(tiny_store: Path) -> None:
     from compass_serve.codec.registry import PRESETS
 

@@ -97,7 +97,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                            "sha256": m.sha256, "weights_id": m.weights_id.hex(),
                            "archived": bool(m.manifest.get("archived")),
                            "file": m.path.name,
-                           "encoder_file": m.encoder_path.name if m.encoder_path else None}
+                           "encoder_file": m.encoder_path.name if m.encoder_path else None,
+                           "training_stages": m.manifest.get("training", {}).get("stages")}
                           for m in models], indent=2))
         return 0
     if not models:
@@ -107,6 +108,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{m.name:10} preset={m.preset:6} qualities=1..{m.qualities} "
               f"sha256={m.sha256[:16]}... ({', '.join(p.name for p, _ in m.files)})"
               + (" [archived: decodes older streams]" if m.manifest.get("archived") else ""))
+        # What `train --init-from` continues: `--minutes` counts each stage's minutes so far.
+        stages = m.manifest.get("training", {}).get("stages") or {}
+        if stages:
+            print(f"{'':10} trained {sum(v['hours'] for v in stages.values()):.1f} h: " + ", ".join(
+                f"{k} {v['hours']:.2f} h / {v['steps']} steps ({v['hours'] * 60:.0f} min)"
+                for k, v in stages.items()))
     return 0
 
 
