@@ -86,9 +86,14 @@ read -r lo mid hi < <("$PY" -c "import json, sys
 c = json.load(open(sys.argv[1]))['compass']
 top = [c[q][-1]['psnr'] for q in sorted(c, key=float)]
 print(f'{top[0]:.2f} {top[len(top) // 2 - 1]:.2f} {top[-1]:.2f}')" "$OLD")
-step bd-range "$CS" bd docs/eval/results.json --against "$OLD" --psnr "$lo,$hi"
-step bd-low "$CS" bd docs/eval/results.json --against "$OLD" --psnr "$lo,$mid"
-step bd-high "$CS" bd docs/eval/results.json --against "$OLD" --psnr "$mid,$hi"
+# Each interval for the new result and for the old one (the README's "there" columns), and the
+# low end over the lower four levels.
+for span in "range $lo,$hi" "low $lo,$mid" "high $mid,$hi"; do
+    read -r name psnr <<<"$span"
+    step "bd-$name" "$CS" bd docs/eval/results.json --against "$OLD" --psnr "$psnr"
+    step "bd-$name-old" "$CS" bd "$OLD" --psnr "$psnr"
+done
+step bd-low-levels "$CS" bd docs/eval/results.json --qualities 1,2,3,4
 
 # Decode timing, new and old weights interleaved so that the machine's drift hits both.
 timing() { "$CS" eval --data "$KODAK" --limit 4 --no-anchors --no-ablation --qualities 5 \
