@@ -202,9 +202,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from compass_serve.training.export import export_run
 
     log = Path(args.log) if args.log else Path(args.run) / "log.csv"
-    if args.log and not log.exists():
-        print(f"no such log: {log}", file=sys.stderr)
-        return 2
+    if args.log and not log.exists():  # the run's own log may be absent; a named one may not
+        raise FileNotFoundError(f"no such log: {log}")
     info = export_run(Path(args.run), args.name, weights=args.weights, log=log)
     print(f"exported {info.path} (sha256 {info.sha256[:16]}...)")
     if args.plot:
