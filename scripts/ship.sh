@@ -19,6 +19,12 @@ if [[ $# -ne 3 ]]; then
     exit 2
 fi
 RUN=$1 LOG=$2 OLD=$3
+# A failed gate restores model_store/ and docs/ from git, which would take uncommitted edits too.
+if ! git diff --quiet -- model_store docs; then
+    echo "uncommitted changes under model_store/ or docs/: commit them first" \
+        "(a failed gate restores both from git)" >&2
+    exit 2
+fi
 KODAK=${KODAK:-../shared/data/kodak}
 CS=${CS:-.venv/bin/compass-serve}
 PY=${PY:-.venv/bin/python}

@@ -79,3 +79,19 @@ def test_a_failed_kodak_gate_restores_weights_docs_and_log(tmp_path: Path) -> No
     status = subprocess.run(["git", "status", "--porcelain", "model_store", "docs"], cwd=root,
                             capture_output=True, text=True, check=True).stdout
     assert status == ""
+
+
+def test_uncommitted_docs_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    """A failed gate restores docs/ from git, so edits not yet committed there stop the script."""
+    root = scratch_repo(tmp_path)
+    (root / "docs/history.md").write_text("tracked\n")
+    subprocess.run(["git", "add", "docs/history.md"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "h"],
+                   cwd=root, check=True)
+    (root / "docs/history.md").write_text("an edit not yet committed\n")
+    before = tracked_state(root)
+    res = ship(root, best=1.19344, gain="+0.1")
+    assert res.returncode == 2
+    assert "commit them first" in res.stderr
+    assert (root / "docs/history.md").read_text() == "an edit not yet committed\n"
+    assert tracked_state(root) == before and not (root / "runs").exists()
