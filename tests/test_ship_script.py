@@ -36,11 +36,15 @@ def scratch_repo(tmp_path: Path) -> Path:
     (root / "old.json").write_text("{}")
     (root / "cli").write_text(FAKE_CLI)
     (root / "cli").chmod(0o755)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run([*git, "commit", "-qm", "shipped"], cwd=root, check=True)
+    commit(root)
     return root
+
+
+def commit(root: Path) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"],
+                   cwd=root, check=True)
 
 
 def ship(root: Path, best: float, gain: str) -> subprocess.CompletedProcess[str]:
@@ -85,9 +89,7 @@ def test_uncommitted_docs_are_refused_before_anything_runs(tmp_path: Path) -> No
     """A failed gate restores docs/ from git, so edits not yet committed there stop the script."""
     root = scratch_repo(tmp_path)
     (root / "docs/history.md").write_text("tracked\n")
-    subprocess.run(["git", "add", "docs/history.md"], cwd=root, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "h"],
-                   cwd=root, check=True)
+    commit(root)
     (root / "docs/history.md").write_text("an edit not yet committed\n")
     before = tracked_state(root)
     res = ship(root, best=1.19344, gain="+0.1")

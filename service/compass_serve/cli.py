@@ -200,8 +200,9 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from compass_serve.training.export import export_run
+    from compass_serve.training.train import LOG_NAME
 
-    log = Path(args.log) if args.log else Path(args.run) / "log.csv"
+    log = Path(args.log) if args.log else Path(args.run) / LOG_NAME
     if args.log and not log.exists():  # the run's own log may be absent; a named one may not
         raise FileNotFoundError(f"no such log: {log}")
     info = export_run(Path(args.run), args.name, weights=args.weights, log=log)

@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from compass_serve.codec.registry import PRESETS, ModelInfo, build, save_model
-from compass_serve.training.train import run_preset
+from compass_serve.training.train import LOG_NAME, run_preset
 
 DATA_NOTE = (
     "../shared/data/train (515 photos: Urban100, Sun-Hays80, BSDS500, PolyU, McMaster, ImageNet "
@@ -23,8 +23,8 @@ LICENSE_NOTE = (
 
 def export_run(run: Path, name: str, weights: str = "last", preset: str | None = None,
                store: Path | None = None, log: Path | None = None) -> ModelInfo:
-    """`log` is the validation log to read (default: the run's own log.csv); a committed log
-    that a run's rows were appended to serves as well, so no staging directory is needed."""
+    """`log` is the validation log to read (default: the run's own); a committed log that a
+    run's rows were appended to serves as well, so no staging directory is needed."""
     # The record saved with the exported weights (best.progress.json), else the run's latest.
     record = run / f"{weights}.progress.json"
     progress = json.loads((record if record.exists() else run / "progress.json").read_text())
@@ -33,7 +33,7 @@ def export_run(run: Path, name: str, weights: str = "last", preset: str | None =
     stages = {k: {"steps": int(v["steps"]), "hours": round(v["seconds"] / 3600, 3)}
               for k, v in progress.items() if isinstance(v, dict)}
     val = {}
-    log = log or run / "log.csv"
+    log = log or run / LOG_NAME
     if log.exists():
         with log.open() as fh:
             rows = list(csv.DictReader(fh))

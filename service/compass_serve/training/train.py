@@ -43,6 +43,8 @@ from compass_serve.training.data import CropSampler, list_images, load_all, resi
 log = logging.getLogger(__name__)
 STAGES = ("backbone", "liff", "residual", "joint")
 PRECISIONS = ("fp32", "bf16")
+# Every validation appends a row here, in the run directory; export and the curve read it.
+LOG_NAME = "log.csv"
 
 
 @dataclass
@@ -410,7 +412,7 @@ class Trainer:
         a = self.args
         budget = a.minutes * 60
         st = self.stage_state
-        log_path = self.out / "log.csv"
+        log_path = self.out / LOG_NAME
         new_log = not log_path.exists()
         fields = ["stage", "step", "hours", "lr", "loss", "bpp", "psnr"] + [
             f"q{i + 1}_{k}" for i in range(len(self.cfg.lambdas)) for k in ("bpp", "psnr")
