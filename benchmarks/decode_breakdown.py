@@ -1,4 +1,5 @@
-"""Where a multi-layer decode spends its time: per layer, LIFF vs entropy decoding vs RC synthesis.
+"""Where a multi-layer decode spends its time: per layer, LIFF vs entropy decoding vs RC synthesis
+(vs the post-filter, for a model that has one).
 
     .venv/bin/python benchmarks/decode_breakdown.py [--image ../shared/data/kodak/kodim23.png]
         [--widen-synthesis 96]
@@ -61,6 +62,10 @@ def main() -> None:
                 t3 = time.perf_counter()
                 cell = (f"{size[1]}x{size[0]}: LIFF {t1 - t0:.3f} s, entropy {t2 - t1:.3f} s, "
                         f"RC synthesis {t3 - t2:.3f} s")
+                if model.enhancement.post_filter is not None:
+                    t = time.perf_counter()
+                    model.enhancement.show(x, pred, q)  # the chain goes on from x, unfiltered
+                    cell += f", post-filter {time.perf_counter() - t:.3f} s"
                 if wide is not None:
                     t4 = time.perf_counter()
                     same = wide.synthesize(y_hat * wide.inv_gain(q), size)

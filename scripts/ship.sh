@@ -42,12 +42,14 @@ step() {  # step NAME CMD...: run, tee, time
 
 # Gate 1: the held-out slice (never Kodak) decides whether Kodak is looked at at all.
 if ! "$PY" - "$RUN" <<'EOF'
-import json, sys
+import csv, json, sys
 from pathlib import Path
 run = Path(sys.argv[1])
-best = json.loads((run / "best.progress.json").read_text())["best_joint"]
+with (run / "log.csv").open() as fh:
+    stage = list(csv.DictReader(fh))[-1]["stage"]  # the stage the run trained, whose best ships
+best = json.loads((run / "best.progress.json").read_text())[f"best_{stage}"]
 shipped = json.loads(Path("model_store/lite.json").read_text())["training"]["validation"]["val_loss"]
-print(f"held-out: run best {best:.5f} ({best:.4f} logged), shipped {shipped:.4f}")
+print(f"held-out: run best ({stage}) {best:.5f} ({best:.4f} logged), shipped {shipped:.4f}")
 sys.exit(0 if round(best, 4) < shipped else 1)
 EOF
 then
@@ -58,19 +60,22 @@ fi
 # The old weights, for the interleaved timing.
 rm -rf runs/store-old && mkdir -p runs/store-old && cp model_store/lite.* runs/store-old/
 
-# The run's rows after the committed log's last step, then the export reads that log.
+# The run's rows after the committed log's last step of their stage (each stage counts its own
+# steps), then the export reads that log.
 "$PY" - "$RUN/log.csv" "$LOG" <<'EOF'
 import csv, sys
 src, dst = sys.argv[1:]
+last: dict[str, int] = {}
 with open(dst) as fh:
-    last = max(int(r["step"]) for r in csv.DictReader(fh))
+    for r in csv.DictReader(fh):
+        last[r["stage"]] = max(last.get(r["stage"], 0), int(r["step"]))
 with open(src) as fh:
-    rows = [r for r in csv.DictReader(fh) if int(r["step"]) > last]
+    rows = [r for r in csv.DictReader(fh) if int(r["step"]) > last.get(r["stage"], 0)]
 with open(dst) as fh:
     fields = next(csv.reader(fh))
 with open(dst, "a", newline="") as fh:
     csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore").writerows(rows)
-print(f"appended {len(rows)} rows after step {last} to {dst}")
+print(f"appended {len(rows)} rows to {dst} (after steps {last})")
 EOF
 step export "$CS" export --run "$RUN" --name lite --weights best --log "$LOG" \
     --plot docs/learning_curve_heldout.png

@@ -102,13 +102,17 @@ def test_models_presets_counts_each_part(tiny_store: Path) -> None:
     assert set(counts) == set(PRESETS)
     for c in counts.values():
         assert c["rc_analysis"] + c["rc_synthesis"] < c["rc"]
-        assert min(c.values()) > 0
+        assert min(v for k, v in c.items() if k != "post_filter") > 0
     wide, wider = counts["lite-wide-rc192-ga192-gs128"], counts["lite-wide-rc192-ga256-gs128"]
     # Widening the analysis transform grows the RC by exactly its analysis, nothing else.
     assert wider["rc_analysis"] > wide["rc_analysis"]
     assert wider["rc"] - wide["rc"] == wider["rc_analysis"] - wide["rc_analysis"]
     assert (wider["ic"], wider["rc_synthesis"], wider["liff"]) == (
         wide["ic"], wide["rc_synthesis"], wide["liff"])
+    # The post-filter adds its three convolutions (7 -> 32 -> 32 -> 3, 3x3) and nothing else.
+    filtered = counts["lite-wide-rc192-ga192-gs128-pf32"]
+    assert filtered == {**wide, "post_filter": 7 * 32 * 9 + 32 + 32 * 32 * 9 + 32 + 32 * 3 * 9 + 3}
+    assert wide["post_filter"] == 0
     text = cli(tiny_store, "models", "--presets").stdout
     assert all(name in text for name in PRESETS)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from compass_serve.codec.coder import Codec
-from compass_serve.evaluation import anchors, run
+from compass_serve.evaluation import anchors, published, run
 from compass_serve.evaluation.bd import bd_rate
 from tests.conftest import photo
 
@@ -239,3 +239,29 @@ def test_bd_rate_within_a_psnr_interval() -> None:
     assert low < whole < high
     assert bd_rate(rates, psnrs, rates, psnrs, within=(26.0, 30.0)) == pytest.approx(0.0, abs=1e-9)
     assert np.isnan(bd_rate(rates, psnrs, test, psnrs, within=(34.0, 35.0)))
+
+
+def test_bd_against_published_curves(tmp_path: Path) -> None:
+    """`bd --published`: COMPASS against CompressAI's published Kodak curves, and those curves
+    against the eval's own anchors (constant bit ratios: exact BD-rates)."""
+    mbt = published.published_curve("mbt2018-mean")
+
+    def scaled(k: float) -> list[dict]:
+        return [{"bpp": k * p["bpp"], "psnr": p["psnr"]} for p in mbt]
+    res = {"model": "m", "weights_id": "00",
+           "compass": {f"{i + 1}": [p] for i, p in enumerate(scaled(1.25))},
+           "single_layer": {f"{i + 1}": p for i, p in enumerate(scaled(1.1))},
+           "simulcast": {f"{i + 1}": [p] for i, p in enumerate(scaled(1.5))},
+           "anchors": {"avif": {"single": scaled(0.5), "simulcast": []}}}
+    assert published.published_vs_anchors(res)["mbt2018-mean"]["avif"] == pytest.approx(100.0)
+    path = tmp_path / "res.json"
+    path.write_text(json.dumps(res))
+    out = subprocess.run([sys.executable, "-m", "compass_serve.cli", "bd", str(path), "--published"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = {line.split()[0] + " " + line.split()[1]: line for line in out.splitlines()
+            if line.startswith("  published")}
+    assert rows["published mbt2018-mean"].endswith("+25.0 %")  # 1.25 x its bits
+    assert "mbt2018-mean   avif +100.0 %" in out
+    plain = subprocess.run([sys.executable, "-m", "compass_serve.cli", "bd", str(path)],
+                           capture_output=True, text=True, check=True).stdout
+    assert "published" not in plain.lower()

@@ -47,8 +47,9 @@ def commit(root: Path) -> None:
                    cwd=root, check=True)
 
 
-def ship(root: Path, best: float, gain: str) -> subprocess.CompletedProcess[str]:
-    (root / "run/best.progress.json").write_text(json.dumps({"best_joint": best}))
+def ship(root: Path, best: float, gain: str, stage: str = "joint"
+         ) -> subprocess.CompletedProcess[str]:
+    (root / "run/best.progress.json").write_text(json.dumps({f"best_{stage}": best}))
     env = {"PATH": "/usr/bin:/bin", "CS": str(root / "cli"), "PY": sys.executable,
            "FAKE_GAIN": gain, "KODAK": str(root)}
     return subprocess.run(["bash", str(REPO / "scripts/ship.sh"), "run", "docs/training/log.csv",
@@ -75,7 +76,7 @@ def test_a_failed_kodak_gate_restores_weights_docs_and_log(tmp_path: Path) -> No
     before = tracked_state(root)
     res = ship(root, best=1.19344, gain="+0.1")
     assert res.returncode == 1, res.stdout + res.stderr
-    assert "appended 1 rows after step 10" in res.stdout
+    assert "appended 1 rows to docs/training/log.csv (after steps {'joint': 10})" in res.stdout
     assert "Kodak gate failed" in res.stderr
     assert tracked_state(root) == before
     # The archive copy export made is gone; what git tracks there is kept.
@@ -97,3 +98,17 @@ def test_uncommitted_docs_are_refused_before_anything_runs(tmp_path: Path) -> No
     assert "commit them first" in res.stderr
     assert (root / "docs/history.md").read_text() == "an edit not yet committed\n"
     assert tracked_state(root) == before and not (root / "runs").exists()
+
+
+def test_a_run_of_another_stage_is_gated_on_its_own_best_and_logged(tmp_path: Path) -> None:
+    """A post-filter run counts its own steps from 1: its rows are appended although their step
+    numbers are below the committed joint rows', and the gate reads best_filter."""
+    root = scratch_repo(tmp_path)
+    (root / "run/log.csv").write_text("stage,step,val_loss\nfilter,4,1.1920\nfilter,8,1.1900\n")
+    commit(root)
+    before = tracked_state(root)
+    res = ship(root, best=1.1900, gain="+0.1", stage="filter")
+    assert "held-out: run best (filter) 1.19000" in res.stdout, res.stdout + res.stderr
+    assert "appended 2 rows" in res.stdout
+    assert res.returncode == 1 and "Kodak gate failed" in res.stderr
+    assert tracked_state(root) == before

@@ -23,6 +23,7 @@ TRAINS = {
     "liff": ("enhancement.liff.",),
     "residual": ("enhancement.residual.",),
     "joint": ("enhancement.liff.", "enhancement.residual."),
+    "filter": ("enhancement.post_filter.",),
 }
 
 

@@ -86,10 +86,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(counts, indent=2))
             return 0
-        print(f"{'preset':30} {'IC':>8} {'RC':>8} {'RC g_a':>8} {'RC g_s':>8} {'LIFF':>8}  (M)")
+        print(f"{'preset':34} {'IC':>8} {'RC':>8} {'RC g_a':>8} {'RC g_s':>8} {'LIFF':>8} "
+              f"{'filter':>8}  (M)")
         for name, c in counts.items():
-            print(f"{name:30} " + " ".join(f"{c[k] / 1e6:8.2f}" for k in
-                                           ("ic", "rc", "rc_analysis", "rc_synthesis", "liff")))
+            print(f"{name:34} " + " ".join(f"{c[k] / 1e6:8.2f}" for k in (
+                "ic", "rc", "rc_analysis", "rc_synthesis", "liff", "post_filter")))
         return 0
     models = list_models(archived=args.all)
     if args.json:
@@ -178,11 +179,24 @@ def cmd_bd(args: argparse.Namespace) -> int:
         return 2
     for path, other in others.items():
         table[f"compass of {path}"] = bd_points(other, top, within)
+    if args.published:
+        from compass_serve.evaluation.published import PUBLISHED_PSNR, published_curve
+
+        for name in PUBLISHED_PSNR:
+            table[f"published {name}"] = bd_points(published_curve(name), top, within)
     print(f"BD-rate of {res['model']} ({res['weights_id']}), qualities {qs or list(res['compass'])}, "
           + (f"PSNR {within[0]:g}-{within[1]:g} dB, " if within else "")
           + "top layer, cumulative bits (negative = fewer bits):")
     for k, v in table.items():
         print(f"  {k:28} " + ("n/a" if v != v else f"{v:+.1f} %"))
+    if args.published:
+        from compass_serve.evaluation.published import published_vs_anchors
+
+        print("Published curves (CompressAI, Kodak) against this eval's single-layer anchors, "
+              "whole overlap (negative = the published codec needs fewer bits):")
+        for name, row in published_vs_anchors(res).items():
+            print(f"  {name:14} " + "  ".join(
+                f"{a} " + ("n/a" if v != v else f"{v:+.1f} %") for a, v in row.items()))
     return 0
 
 
@@ -339,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (staged, resumable)")
     t.add_argument("--stage", nargs="+", default=["backbone", "liff", "joint"],
-                   choices=["backbone", "liff", "residual", "joint"])
+                   choices=["backbone", "liff", "residual", "joint", "filter"])
     t.add_argument("--preset", default="lite")
     t.add_argument("--data", default="../shared/data/train")
     t.add_argument("--out", default="runs/lite")
@@ -394,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--psnr", type=_floats, default=None, metavar="LOW,HIGH",
                     help="integrate over this PSNR interval only (within the curves' overlap): "
                          "compares models whose rate points moved over the same PSNRs")
+    bd.add_argument("--published", action="store_true",
+                    help="also CompressAI's published Kodak curves (mbt2018-mean, BPG, VTM, "
+                         "WebP): against COMPASS, and against this eval's anchors")
     bd.set_defaults(func=cmd_bd)
 
     cu = sub.add_parser("curve", help="learning curve: Kodak PSNR at a fixed rate vs hours")

@@ -2,6 +2,7 @@
 
     layer 0:  X0 = IC(I0)
     layer k:  P_k = LIFF(X_{k-1}, size of I_k),   X_k = P_k + RC(I_k - P_k)
+    shown:    X_k itself, or with a post-filter F(X_k, P_k) (the chain reads X_k either way)
 
 Reconstructions are never clamped inside the chain (clamping would destroy negative
 residuals); callers clamp for display and PSNR only.
@@ -16,9 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compass_serve.codec.backbone import Backbone, BackboneConfig, build_backbone, quality_levels
+from compass_serve.codec.backbone import (
+    TRANSFORM_TILE,
+    Backbone,
+    BackboneConfig,
+    build_backbone,
+    quality_levels,
+)
 from compass_serve.codec.layers import Size
 from compass_serve.codec.liff import Liff, LiffConfig
+from compass_serve.codec.postfilter import PostFilter, PostFilterConfig
 from compass_serve.codec.refine import Refinement
 
 # Rate-distortion trade-offs of the trained quality levels (CompressAI's qualities 1-4, which the
@@ -38,6 +46,7 @@ class CompassConfig:
     liff: LiffConfig = field(default_factory=LiffConfig)
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     predictor: str = "liff"  # "liff" or "bicubic" (the ablation's inter-layer predictor)
+    post_filter: PostFilterConfig = field(default_factory=PostFilterConfig)
 
     def __post_init__(self) -> None:
         levels = {len(self.lambdas), self.base.qualities, self.residual.qualities}
@@ -62,6 +71,7 @@ class CompassConfig:
             liff=LiffConfig(**d["liff"]),
             lambdas=tuple(d["lambdas"]),
             predictor=d.get("predictor", "liff"),
+            post_filter=PostFilterConfig(**d.get("post_filter", {})),
         )
 
 
@@ -84,6 +94,8 @@ class EnhancementLayer(nn.Module):
         self.predictor = cfg.predictor
         self.liff = Liff(cfg.liff)
         self.residual = build_backbone(cfg.residual)
+        self.post_filter = (PostFilter(cfg.post_filter, len(cfg.lambdas))
+                            if cfg.post_filter.channels else None)
 
     def predict(self, lower: torch.Tensor, size: Size) -> torch.Tensor:
         if self.predictor == "bicubic":
@@ -95,11 +107,22 @@ class EnhancementLayer(nn.Module):
     ) -> dict[str, object]:
         pred = self.predict(lower, (image.shape[-2], image.shape[-1]))
         out = self.residual(image - pred, quality)
+        x_hat = pred + out["x_hat"]
         return {
-            "x_hat": pred + out["x_hat"],
+            "x_hat": x_hat,
+            "shown": self.show(x_hat, pred, quality),
             "prediction": pred,
             "likelihoods": out["likelihoods"],
         }
+
+    def show(self, x_hat: torch.Tensor, pred: torch.Tensor,
+             quality: torch.Tensor | float) -> torch.Tensor:
+        """The image the decoder shows for this layer: the post-filter's, else x_hat."""
+        if self.post_filter is None:
+            return x_hat
+        if isinstance(quality, torch.Tensor) or self.training:
+            return self.post_filter(x_hat, pred, quality)
+        return self.post_filter.tiled(x_hat, pred, quality, TRANSFORM_TILE)
 
 
 class Compass(nn.Module):
@@ -153,13 +176,14 @@ class Compass(nn.Module):
     def decompress(
         self, strings: list[list[bytes]], sizes: list[Size], quality: float
     ) -> list[torch.Tensor]:
-        """Decode layers 0..len(strings)-1; returns every layer's (unclamped) reconstruction."""
+        """Decode layers 0..len(strings)-1; returns every layer's (unclamped) image as shown
+        (post-filtered where the model has a filter; the chain reads the unfiltered ones)."""
         x = self.base.codec.decompress(strings[0], sizes[0], quality)
         recons = [x]
         for s, size in zip(strings[1:], sizes[1:], strict=True):
             pred = self.enhancement.predict(x, size)
             x = pred + self.enhancement.residual.decompress(s, size, quality)
-            recons.append(x)
+            recons.append(self.enhancement.show(x, pred, quality))
         return recons
 
     @torch.no_grad()

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from compass_serve.codec.backbone import BackboneConfig
 from compass_serve.codec.liff import LiffConfig
 from compass_serve.codec.model import WIDE_LAMBDAS, Compass, CompassConfig
+from compass_serve.codec.postfilter import PostFilterConfig
 
 # Sized for serving on a 2-core CPU: ~1.8 M parameters per transform codec, a light LIFF.
 _LITE = CompassConfig(
@@ -72,6 +73,13 @@ PRESETS: dict[str, CompassConfig] = {
     "lite-wide-rc192-ga256-gs128": replace(
         _LITE, residual=replace(_LITE.residual, m=192, n_analysis=256, n_synthesis=128),
     ).with_lambdas(WIDE_LAMBDAS),
+    # gs128 with a post-filter on each enhancement layer's decoded image (session 30): three 3x3
+    # convolutions of 32 channels on the layer, its LIFF prediction and the quality
+    # (`codec.postfilter`); `train --stage filter --init-from lite` trains it alone.
+    "lite-wide-rc192-ga192-gs128-pf32": replace(
+        _LITE, residual=replace(_LITE.residual, m=192, n_analysis=192, n_synthesis=128),
+        post_filter=PostFilterConfig(channels=32, layers=3),
+    ).with_lambdas(WIDE_LAMBDAS),
     # The paper's sizes: mbt2018-mean N=128, M=192; RDN 64 ch, 4x4 convs, growth 32; MLP 4x256.
     "paper": CompassConfig(
         base=BackboneConfig(n=128, m=192),
@@ -84,6 +92,7 @@ PRESETS: dict[str, CompassConfig] = {
         base=BackboneConfig(n=16, m=24),
         residual=BackboneConfig(n=16, m=24),
         liff=LiffConfig(features=8, blocks=1, convs=2, growth=8, hidden=16, depth=2),
+        post_filter=PostFilterConfig(channels=4, layers=2),
     ),
 }
 
@@ -91,15 +100,18 @@ PRESETS: dict[str, CompassConfig] = {
 def preset_parameters(name: str) -> dict[str, int]:
     """Parameter counts of a preset's parts (the README's presets table comes from these): the
     base layer's codec (IC), the residual codec (RC) with its analysis and synthesis transforms,
-    and LIFF. The RC's analysis runs only at encode time, its synthesis at every decode."""
+    LIFF and the post-filter. The RC's analysis runs only at encode time, its synthesis at every
+    decode."""
     model = Compass(PRESETS[name])
     rc = model.enhancement.residual
 
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
+    pf = model.enhancement.post_filter
     return {"ic": count(model.base.codec), "rc": count(rc), "rc_analysis": count(rc.g_a),
-            "rc_synthesis": count(rc.g_s), "liff": count(model.enhancement.liff)}
+            "rc_synthesis": count(rc.g_s), "liff": count(model.enhancement.liff),
+            "post_filter": count(pf) if pf is not None else 0}
 
 
 def default_store() -> Path:

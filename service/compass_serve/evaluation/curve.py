@@ -38,7 +38,7 @@ def psnr_at_rate(points: list[tuple[float, float]], rate: float) -> float:
 
 # Stages whose snapshots are measured as the whole 3-layer COMPASS stream; with the backbone,
 # the stages a learning curve shows (LIFF pre-training measures only a prediction).
-ENHANCEMENT_STAGES = ("residual", "joint")
+ENHANCEMENT_STAGES = ("residual", "joint", "filter")
 CURVE_STAGES = ("backbone", *ENHANCEMENT_STAGES)
 
 

@@ -153,6 +153,8 @@ class Evaluation:
     def ablation(self) -> dict:
         enh = self.codec.model.enhancement
         res = {}
+        # The predictor question alone: the post-filter (trained on LIFF's predictions) is off.
+        post_filter, enh.post_filter = enh.post_filter, None
         for predictor in ("liff", "bicubic"):
             enh.predictor = predictor
             curve = []
@@ -170,6 +172,7 @@ class Evaluation:
                     curve.append(mean_curve(rows)[0])
             finally:
                 enh.predictor = self.codec.model.cfg.predictor
+                enh.post_filter = post_filter
             res[predictor] = curve
         res["bd_el_bits_liff_vs_bicubic"] = bd_rate(
             [p["bpp"] for p in res["bicubic"]], [p["psnr"] for p in res["bicubic"]],

@@ -5,6 +5,9 @@ Stages (each runnable on its own, all sharing one run directory):
   liff      LIFF pre-training: predict layer k from the DECODED layer k-1 (base layer frozen)
   residual  the residual codec on LIFF's residuals (LIFF frozen); starts from the backbone
   joint     LIFF + RC together on the sum of the enhancement layers' RD losses (BL frozen)
+  filter    the post-filter alone on the enhancement layers' decoded images (all else frozen,
+            real rounding as a decoder does; its loss is the mean log-MSE, i.e. PSNR, so that
+            every quality level counts alike)
 Each stage has a time budget; the learning rate holds, then decays by cosine over the last
 40% of it (a constant rate plateaus on this hardware). Variable rate: every sample draws one
 of the model's quality levels and its lambda.
@@ -41,7 +44,7 @@ from compass_serve.codec.registry import PRESETS, load_model, load_state, state_
 from compass_serve.training.data import CropSampler, list_images, load_all, resize, split_holdout
 
 log = logging.getLogger(__name__)
-STAGES = ("backbone", "liff", "residual", "joint")
+STAGES = ("backbone", "liff", "residual", "joint", "filter")
 PRECISIONS = ("fp32", "bf16")
 # Every validation appends a row here, in the run directory; export and the curve read it.
 LOG_NAME = "log.csv"
@@ -196,6 +199,13 @@ class Trainer:
                 state = self._widen_residual(state, source)
                 self.source_run = None
                 log.info("residual codec widened from %s to %s", source.residual, self.cfg.residual)
+            fresh = {k: v for k, v in self.model.state_dict().items()
+                     if k.startswith("enhancement.post_filter.") and k not in state}
+            if fresh:
+                # A post-filter the source lacks starts as designed: the identity.
+                state = {**state, **fresh}
+                self.source_run = None
+                log.info("post-filter added (identity at first)")
             load_state(self.model, state)
             self.progress["residual_init"] = True
             log.info("initialised from %s: %s", self.args.init_from, self.progress)
@@ -244,12 +254,16 @@ class Trainer:
             "backbone": [m.base],
             "liff": [m.enhancement.liff],
             "residual": [m.enhancement.residual],
-            "joint": [m.enhancement],
+            "joint": [m.enhancement.liff, m.enhancement.residual],
+            "filter": [m.enhancement.post_filter],
         }[self.args.stage]
+        if None in train:
+            raise ValueError(f"preset {self.args.preset!r} has no post-filter to train")
         for p in m.parameters():
             p.requires_grad_(False)
         params = []
         for mod in train:
+            assert mod is not None
             for n, p in mod.named_parameters():
                 p.requires_grad_(True)
                 if not n.endswith("quantiles"):
@@ -321,6 +335,8 @@ class Trainer:
         else:
             crop = self.sampler.batch(a.batch, a.crop).to(self.device)
             images = self._chain(crop, self.sampler.chain(a.crop))
+            if a.stage == "filter":
+                return self._forward_filter(images, q)
             m.base.eval()
             with torch.no_grad():
                 lower = m.base(images[0], q)["x_hat"]
@@ -349,6 +365,30 @@ class Trainer:
                 lower = x_hat
         return loss, bpp, mse
 
+    def _forward_filter(self, images: list[torch.Tensor], q: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The filter stage: the chain decoded as a decoder would (eval mode: rounding, not
+        noise), then the post-filter on each enhancement layer. Mean log-MSE, so that a level's
+        PSNR gain counts the same at every rate (a plain MSE would serve the lowest rates)."""
+        m = self.model
+        m.base.eval()
+        m.enhancement.eval()
+        pf = m.enhancement.post_filter
+        assert pf is not None
+        pf.train()
+        loss = torch.zeros((), device=self.device)
+        bpp = torch.zeros(images[0].shape[0], device=self.device)
+        with torch.no_grad():
+            lower = m.base(images[0], q)["x_hat"]
+        for image in images[1:]:
+            with torch.no_grad():
+                out = m.enhancement(lower, image, q)
+            mse = mse_per_sample(pf(out["x_hat"], out["prediction"], q).float(), image)
+            loss = loss + torch.log10(mse.clamp_min(1e-10)).mean()
+            bpp = bpp + bits(out["likelihoods"]).detach() / (image.shape[-2] * image.shape[-1])
+            lower = out["x_hat"]
+        return loss, bpp, mse.detach()
+
     # -- validation (held-out slice of the training folder; never Kodak) ---------------------------
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -368,7 +408,7 @@ class Trainer:
                     chain = self._chain(x, [(s // 4, s // 4), (s // 2, s // 2), (s, s)])
                     outs = m(chain, q)
                     b = sum(bits(o["likelihoods"]) for o in outs) / (s * s)
-                    mse = mse_per_sample(outs[-1]["x_hat"].clamp(0, 1), x)
+                    mse = mse_per_sample(outs[-1]["shown"].clamp(0, 1), x)
                 bpps.append(float(b))
                 psnrs.append(float(psnr(mse)))
             res[f"q{qi + 1}_bpp"] = float(np.mean(bpps))
