@@ -111,3 +111,10 @@ def test_the_filter_stage_starts_from_weights_without_a_filter(
     changed = {n for n, p in t.model.named_parameters() if not torch.equal(before[n], p)}
     assert changed and all(n.startswith("enhancement.post_filter.") for n in changed)
     assert t.progress["filter"]["steps"] > 0 and t.progress["joint"]["steps"] > 0
+    # Validation (model selection) measures the shown, filtered top layer.
+    filtered = t.validate()
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+    plain = t.validate()
+    assert filtered["q1_bpp"] == plain["q1_bpp"] and filtered["q1_psnr"] != plain["q1_psnr"]

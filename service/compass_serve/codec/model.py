@@ -107,10 +107,8 @@ class EnhancementLayer(nn.Module):
     ) -> dict[str, object]:
         pred = self.predict(lower, (image.shape[-2], image.shape[-1]))
         out = self.residual(image - pred, quality)
-        x_hat = pred + out["x_hat"]
         return {
-            "x_hat": x_hat,
-            "shown": self.show(x_hat, pred, quality),
+            "x_hat": pred + out["x_hat"],
             "prediction": pred,
             "likelihoods": out["likelihoods"],
         }

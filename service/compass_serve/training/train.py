@@ -48,6 +48,11 @@ STAGES = ("backbone", "liff", "residual", "joint", "filter")
 PRECISIONS = ("fp32", "bf16")
 # Every validation appends a row here, in the run directory; export and the curve read it.
 LOG_NAME = "log.csv"
+# The filter stage decodes a batch once (the frozen chain is most of a step's cost) and makes
+# this many Adam steps on random FILTER_CROP-pixel windows of it: the filter sees 7 pixels of
+# context, and a small fresh network needs many steps more than large crops.
+FILTER_UPDATES = 4
+FILTER_CROP = 96
 
 
 @dataclass
@@ -303,6 +308,8 @@ class Trainer:
 
     def step(self) -> dict[str, float]:
         q = torch.randint(0, len(self.cfg.lambdas), (self.args.batch,), device=self.device)
+        if self.args.stage == "filter":
+            return self._filter_step(q)
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.args.precision == "bf16"):
             loss, bpp, mse = self._forward(q)
@@ -335,8 +342,6 @@ class Trainer:
         else:
             crop = self.sampler.batch(a.batch, a.crop).to(self.device)
             images = self._chain(crop, self.sampler.chain(a.crop))
-            if a.stage == "filter":
-                return self._forward_filter(images, q)
             m.base.eval()
             with torch.no_grad():
                 lower = m.base(images[0], q)["x_hat"]
@@ -365,29 +370,43 @@ class Trainer:
                 lower = x_hat
         return loss, bpp, mse
 
-    def _forward_filter(self, images: list[torch.Tensor], q: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The filter stage: the chain decoded as a decoder would (eval mode: rounding, not
-        noise), then the post-filter on each enhancement layer. Mean log-MSE, so that a level's
-        PSNR gain counts the same at every rate (a plain MSE would serve the lowest rates)."""
-        m = self.model
-        m.base.eval()
-        m.enhancement.eval()
+    def _filter_step(self, q: torch.Tensor) -> dict[str, float]:
+        """The filter stage: a batch's chain decoded as a decoder would (eval mode: rounding, not
+        noise), then `FILTER_UPDATES` steps of the post-filter alone on random windows of each
+        enhancement layer. The loss is the mean log-MSE, so that a level's PSNR gain counts the
+        same at every rate (a plain MSE would serve the lowest rates)."""
+        a, m = self.args, self.model
         pf = m.enhancement.post_filter
         assert pf is not None
-        pf.train()
-        loss = torch.zeros((), device=self.device)
-        bpp = torch.zeros(images[0].shape[0], device=self.device)
+        crop = self.sampler.batch(a.batch, a.crop).to(self.device)
+        images = self._chain(crop, self.sampler.chain(a.crop))
+        m.base.eval()
+        m.enhancement.eval()
+        layers = []
+        bpp = torch.zeros(a.batch, device=self.device)
         with torch.no_grad():
             lower = m.base(images[0], q)["x_hat"]
-        for image in images[1:]:
-            with torch.no_grad():
+            for image in images[1:]:
                 out = m.enhancement(lower, image, q)
-            mse = mse_per_sample(pf(out["x_hat"], out["prediction"], q).float(), image)
-            loss = loss + torch.log10(mse.clamp_min(1e-10)).mean()
-            bpp = bpp + bits(out["likelihoods"]).detach() / (image.shape[-2] * image.shape[-1])
-            lower = out["x_hat"]
-        return loss, bpp, mse.detach()
+                layers.append((out["x_hat"], out["prediction"], image))
+                bpp = bpp + bits(out["likelihoods"]) / (image.shape[-2] * image.shape[-1])
+                lower = out["x_hat"]
+        pf.train()
+        for _ in range(FILTER_UPDATES):
+            loss = torch.zeros((), device=self.device)
+            for x_hat, pred, image in layers:
+                h, w = image.shape[-2:]
+                r0 = random.randint(0, max(0, h - FILTER_CROP))
+                c0 = random.randint(0, max(0, w - FILTER_CROP))
+                win = (..., slice(r0, r0 + FILTER_CROP), slice(c0, c0 + FILTER_CROP))
+                mse = mse_per_sample(pf(x_hat[win], pred[win], q).float(), image[win])
+                loss = loss + torch.log10(mse.clamp_min(1e-10)).mean()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+        return {"loss": float(loss.detach()), "bpp": float(bpp.mean()),
+                "psnr": float(psnr(mse.detach()).mean())}
 
     # -- validation (held-out slice of the training folder; never Kodak) ---------------------------
     @torch.no_grad()
@@ -408,7 +427,9 @@ class Trainer:
                     chain = self._chain(x, [(s // 4, s // 4), (s // 2, s // 2), (s, s)])
                     outs = m(chain, q)
                     b = sum(bits(o["likelihoods"]) for o in outs) / (s * s)
-                    mse = mse_per_sample(outs[-1]["shown"].clamp(0, 1), x)
+                    top = outs[-1]
+                    shown = m.enhancement.show(top["x_hat"], top["prediction"], q)
+                    mse = mse_per_sample(shown.clamp(0, 1), x)
                 bpps.append(float(b))
                 psnrs.append(float(psnr(mse)))
             res[f"q{qi + 1}_bpp"] = float(np.mean(bpps))
