@@ -118,10 +118,11 @@ def plot_curve(rows: list[dict], rate: float, path: Path, title: str) -> None:
     if compass:
         ax.plot([r["hours"] for r in compass], [r["psnr_at_rate"] for r in compass], "-",
                 color="C1", label="COMPASS 3 layers, top layer (cumulative bits)")
-        for stage, marker in (("joint", "s"), ("residual", "^")):
+        for stage, marker, name in (("joint", "s", "joint LIFF + RC"),
+                                    ("residual", "^", "RC only (LIFF frozen)"),
+                                    ("filter", "D", "post-filter only (all else frozen)")):
             pts = [(r["hours"], r["psnr_at_rate"]) for r in compass if r["stage"] == stage]
             if pts:
-                name = "joint LIFF + RC" if stage == "joint" else "RC only (LIFF frozen)"
                 ax.plot(*zip(*pts, strict=True), marker, color="C1", linestyle="none",
                         fillstyle="full" if stage == "joint" else "none",
                         label=f"  snapshots: {name}")
