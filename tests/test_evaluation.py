@@ -265,3 +265,30 @@ def test_bd_against_published_curves(tmp_path: Path) -> None:
     plain = subprocess.run([sys.executable, "-m", "compass_serve.cli", "bd", str(path)],
                            capture_output=True, text=True, check=True).stdout
     assert "published" not in plain.lower()
+
+
+def test_the_ablation_compares_predictors_without_the_post_filter(
+        tiny_codec: Codec, tmp_path: Path) -> None:
+    """LIFF against bicubic with the same chain: the post-filter is off for both predictors (it
+    was trained on LIFF's predictions), and on again afterwards."""
+    data = tmp_path / "kodak"
+    data.mkdir()
+    photo(96, 64).save(data / "img0.png")
+    enh = tiny_codec.model.enhancement
+    pf = enh.post_filter
+    assert pf is not None
+    ev = run.Evaluation(tiny_codec, sorted(data.iterdir()), tmp_path / "out", [1.0, 4.0])
+    with torch.no_grad():
+        last = pf.net[-1]
+        saved = last.weight.clone()
+        last.weight.normal_(0, 0.5)  # a filter that changes what it shows
+        try:
+            res = ev.ablation()
+            assert enh.post_filter is pf
+            enh.post_filter = None
+            plain = {p: (setattr(enh, "predictor", p), ev._el_curve(p))[1]
+                     for p in ("liff", "bicubic")}
+        finally:
+            enh.post_filter, enh.predictor = pf, "liff"
+            last.weight.copy_(saved)
+    assert res["liff"] == plain["liff"] and res["bicubic"] == plain["bicubic"]

@@ -153,31 +153,36 @@ class Evaluation:
     def ablation(self) -> dict:
         enh = self.codec.model.enhancement
         res = {}
-        # The predictor question alone: the post-filter (trained on LIFF's predictions) is off.
+        # The predictor question alone: the post-filter (trained on LIFF's predictions) is off for
+        # both predictors, and back on once both curves are measured.
         post_filter, enh.post_filter = enh.post_filter, None
-        for predictor in ("liff", "bicubic"):
-            enh.predictor = predictor
-            curve = []
-            try:
-                for q in self.qualities:
-                    rows = []
-                    for img in tqdm(self.images, desc=f"ablation {predictor} q={q:g}", leave=False):
-                        lad = ladder_for(img, self.widths(img, LADDER))
-                        layers = code_compass(self.codec, img, lad, q, self.refine_steps)
-                        w, h = lad.sizes[-1]
-                        w0, h0 = lad.sizes[0]
-                        base_bits = layers[0][0] * w0 * h0
-                        el_bpp = (layers[-1][0] * w * h - base_bits) / (w * h)
-                        rows.append([(el_bpp, layers[-1][1])])
-                    curve.append(mean_curve(rows)[0])
-            finally:
-                enh.predictor = self.codec.model.cfg.predictor
-                enh.post_filter = post_filter
-            res[predictor] = curve
+        try:
+            for predictor in ("liff", "bicubic"):
+                enh.predictor = predictor
+                res[predictor] = self._el_curve(predictor)
+        finally:
+            enh.predictor = self.codec.model.cfg.predictor
+            enh.post_filter = post_filter
         res["bd_el_bits_liff_vs_bicubic"] = bd_rate(
             [p["bpp"] for p in res["bicubic"]], [p["psnr"] for p in res["bicubic"]],
             [p["bpp"] for p in res["liff"]], [p["psnr"] for p in res["liff"]])
         return res
+
+    def _el_curve(self, predictor: str) -> list[dict]:
+        """Enhancement-layer bits against top-layer PSNR, per quality, with the predictor set."""
+        curve = []
+        for q in self.qualities:
+            rows = []
+            for img in tqdm(self.images, desc=f"ablation {predictor} q={q:g}", leave=False):
+                lad = ladder_for(img, self.widths(img, LADDER))
+                layers = code_compass(self.codec, img, lad, q, self.refine_steps)
+                w, h = lad.sizes[-1]
+                w0, h0 = lad.sizes[0]
+                base_bits = layers[0][0] * w0 * h0
+                el_bpp = (layers[-1][0] * w * h - base_bits) / (w * h)
+                rows.append([(el_bpp, layers[-1][1])])
+            curve.append(mean_curve(rows)[0])
+        return curve
 
     # -- 6: arbitrary-scale tables ------------------------------------------------------------------
     def scale_tables(self, single: dict) -> dict:
