@@ -380,17 +380,13 @@ class Trainer:
         assert pf is not None
         crop = self.sampler.batch(a.batch, a.crop).to(self.device)
         images = self._chain(crop, self.sampler.chain(a.crop))
-        m.base.eval()
-        m.enhancement.eval()
-        layers = []
-        bpp = torch.zeros(a.batch, device=self.device)
+        m.eval()
         with torch.no_grad():
-            lower = m.base(images[0], q)["x_hat"]
-            for image in images[1:]:
-                out = m.enhancement(lower, image, q)
-                layers.append((out["x_hat"], out["prediction"], image))
-                bpp = bpp + bits(out["likelihoods"]) / (image.shape[-2] * image.shape[-1])
-                lower = out["x_hat"]
+            outs = m(images, q)[1:]  # the chain as a decoder runs it
+        layers = [(o["x_hat"], o["prediction"], image) for o, image in zip(outs, images[1:],
+                                                                             strict=True)]
+        bpp = sum(bits(o["likelihoods"]) / (image.shape[-2] * image.shape[-1])
+                  for o, image in zip(outs, images[1:], strict=True))
         pf.train()
         for _ in range(FILTER_UPDATES):
             loss = torch.zeros((), device=self.device)
