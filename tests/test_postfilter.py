@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from compass_serve.codec.model import Compass, CompassConfig
-from compass_serve.codec.postfilter import PostFilter, PostFilterConfig
+from compass_serve.codec.postfilter import PostFilter, PostFilterConfig, deepen
 from compass_serve.codec.registry import PRESETS
 from compass_serve.training.train import TrainArgs, Trainer
 from tests.conftest import photo
@@ -48,6 +48,23 @@ def test_the_quality_plane_matches_trained_levels_and_moves_the_output() -> None
     for level in range(8):  # training's 0-based level == decoding's quality level + 1
         assert torch.allclose(pf(x, pred, torch.tensor([level])), pf(x, pred, float(level + 1)))
     assert not torch.allclose(pf(x, pred, 1.0), pf(x, pred, 8.0))
+
+
+def test_a_deepened_filter_computes_the_same_function_and_can_learn() -> None:
+    shallow = trained_filter(channels=6, layers=3)
+    deep = PostFilter(PostFilterConfig(6, 5), qualities=4)
+    deepen(shallow, deep)
+    assert deep.halo == 5
+    x, pred = torch.rand(2, 3, 20, 30), torch.rand(2, 3, 20, 30)
+    q = torch.tensor([0, 3])
+    assert not torch.allclose(shallow(x, pred, q), x)
+    assert torch.allclose(deep(x, pred, q), shallow(x, pred, q), atol=1e-6)
+    # The added layers carry gradient: the identity is a starting point, not a dead end.
+    (deep(x, pred, q) - x).square().mean().backward()
+    assert deep.net[4].weight.grad is not None and deep.net[4].weight.grad.any()
+    for wrong in (PostFilterConfig(8, 5), PostFilterConfig(6, 2)):
+        with pytest.raises(ValueError, match="same width"):
+            deepen(shallow, PostFilter(wrong, qualities=4))
 
 
 def test_decode_shows_filtered_layers_while_the_chain_reads_unfiltered_ones() -> None:
@@ -118,3 +135,17 @@ def test_the_filter_stage_starts_from_weights_without_a_filter(
         last.bias.zero_()
     plain = t.validate()
     assert filtered["q1_bpp"] == plain["q1_bpp"] and filtered["q1_psnr"] != plain["q1_psnr"]
+    # A deeper filter preset starts from this run as the same function (`deepen`).
+    with torch.no_grad():
+        last.weight.normal_(std=0.1)
+    t.save()
+    monkeypatch.setitem(PRESETS, "tiny-deep", replace(PRESETS["tiny"], post_filter=replace(
+        PRESETS["tiny"].post_filter, layers=4)))
+    d = Trainer(TrainArgs(stage="filter", preset="tiny-deep", out=str(tmp_path / "c"),
+                          init_from=str(tmp_path / "b" / "last.safetensors"),
+                          **common))  # type: ignore[arg-type]
+    x, pred = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    shown = t.model.enhancement.post_filter(x, pred, 2.0)  # type: ignore[misc]
+    assert not torch.allclose(shown, x)
+    assert torch.allclose(d.model.enhancement.post_filter(x, pred, 2.0), shown,  # type: ignore[misc]
+                          atol=1e-6)

@@ -85,3 +85,25 @@ class PostFilter(nn.Module):
                     ..., r0 - ra : r0 - ra + rows, c0 - ca : c0 - ca + cols]
         return x + out
 
+
+
+def deepen(old: PostFilter, new: PostFilter) -> None:
+    """Load `old` (trained) into `new`, a filter of the same width with more layers, so that `new`
+    computes the same function: the old hidden convolutions come first, the added ones start as
+    the identity (a Dirac kernel, zero bias) and the old last convolution ends the stack. The
+    identity is exact because each added convolution reads a ReLU's output, which the next ReLU
+    leaves as it is. Training then grows the receptive field from a filter that already works."""
+    a = [m for m in old.net if isinstance(m, nn.Conv2d)]
+    b = [m for m in new.net if isinstance(m, nn.Conv2d)]
+    hidden = a[0].out_channels
+    if len(b) < len(a) or any(m.out_channels != hidden for m in b[:-1]) or (
+            b[0].in_channels != a[0].in_channels):
+        raise ValueError("deepen needs a filter of the same width with at least as many layers")
+    with torch.no_grad():
+        for src, dst in zip([*a[:-1], *[None] * (len(b) - len(a)), a[-1]], b, strict=True):
+            if src is None:
+                nn.init.dirac_(dst.weight)
+                nn.init.zeros_(dst.bias)
+            else:
+                dst.weight.copy_(src.weight)
+                dst.bias.copy_(src.bias)

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from compass_serve.codec.backbone import build_backbone, regrid_gains, widen
 from compass_serve.codec.liff import Liff
 from compass_serve.codec.model import Compass, CompassConfig
+from compass_serve.codec.postfilter import PostFilter, deepen
 from compass_serve.codec.registry import PRESETS, load_model, load_state, state_dict_for_save
 from compass_serve.training.data import CropSampler, list_images, load_all, resize, split_holdout
 
@@ -204,6 +205,12 @@ class Trainer:
                 state = self._widen_residual(state, source)
                 self.source_run = None
                 log.info("residual codec widened from %s to %s", source.residual, self.cfg.residual)
+            if (source.post_filter.channels and self.cfg.post_filter.channels
+                    and source.post_filter != self.cfg.post_filter):
+                state = self._deepen_filter(state, source)
+                self.source_run = None
+                log.info("post-filter deepened from %s to %s", source.post_filter,
+                         self.cfg.post_filter)
             fresh = {k: v for k, v in self.model.state_dict().items()
                      if k.startswith("enhancement.post_filter.") and k not in state}
             if fresh:
@@ -239,6 +246,20 @@ class Trainer:
         widen(narrow, rc)
         return {**{k: v for k, v in state.items() if not k.startswith(prefix)},
                 **{prefix + k: v for k, v in rc.state_dict().items()}}
+
+    def _deepen_filter(
+        self, state: dict[str, torch.Tensor], source: CompassConfig
+    ) -> dict[str, torch.Tensor]:
+        """`state` (of config `source`) with its post-filter deepened to this preset's: the same
+        function to start with (`deepen`)."""
+        prefix = "enhancement.post_filter."
+        pf = self.model.enhancement.post_filter
+        assert pf is not None
+        shallow = PostFilter(source.post_filter, len(self.cfg.lambdas)).to(self.device)
+        load_state(shallow, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        deepen(shallow, pf)
+        return {**{k: v for k, v in state.items() if not k.startswith(prefix)},
+                **{prefix + k: v for k, v in pf.state_dict().items()}}
 
     def save(self, name: str = "last") -> None:
         self.model.update()
