@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from compass_serve.allocator import retain_freed_memory
 from compass_serve.client.errors import CompassError
 from compass_serve.codec import bitstream as bs
+from compass_serve.training.stages import PRECISIONS, STAGES
 
 if TYPE_CHECKING:
     from compass_serve.client import Client
@@ -353,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (staged, resumable)")
     t.add_argument("--stage", nargs="+", default=["backbone", "liff", "joint"],
-                   choices=["backbone", "liff", "residual", "joint", "filter"])
+                   choices=STAGES)
     t.add_argument("--preset", default="lite")
     t.add_argument("--data", default="../shared/data/train")
     t.add_argument("--out", default="runs/lite")
@@ -374,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the learning-rate schedule (hold, then cosine to 5%%) spans only the "
                         "budget's last N minutes: a new cycle on a stage that already has hours, "
                         "e.g. after --init-from widened the model (0: the whole budget)")
-    t.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+    t.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="bf16: autocast the transforms' forward passes to bfloat16 (weights, "
                         "optimizer, entropy models and loss stay float32); ~1.7x the steps per "
                         "hour on CPUs with AVX512-BF16 and on GPUs")

@@ -43,10 +43,9 @@ from compass_serve.codec.model import Compass, CompassConfig
 from compass_serve.codec.postfilter import PostFilter, deepen
 from compass_serve.codec.registry import PRESETS, load_model, load_state, state_dict_for_save
 from compass_serve.training.data import CropSampler, list_images, load_all, resize, split_holdout
+from compass_serve.training.stages import PRECISIONS, STAGES
 
 log = logging.getLogger(__name__)
-STAGES = ("backbone", "liff", "residual", "joint", "filter")
-PRECISIONS = ("fp32", "bf16")
 # Every validation appends a row here, in the run directory; export and the curve read it.
 LOG_NAME = "log.csv"
 # The filter stage decodes a batch once (the frozen chain is most of a step's cost) and makes
