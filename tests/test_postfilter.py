@@ -88,6 +88,15 @@ def test_decode_shows_filtered_layers_while_the_chain_reads_unfiltered_ones() ->
         pred = filtered.enhancement.predict(chain[k - 1], sizes[k])
         assert torch.allclose(shown[k], pf(chain[k], pred, 2.0), atol=1e-5)
         assert not torch.allclose(shown[k], chain[k])
+    # A decoder that displays one layer filters that layer alone: the chain never reads a
+    # filtered layer, so the top comes out the same.
+    calls: list[int] = []
+    hook = pf.net.register_forward_hook(lambda *_: calls.append(1))
+    (top,) = filtered.decompress(strings, sizes, 2.0, top_only=True)
+    assert torch.equal(top, shown[2]) and len(calls) == 1
+    (middle,) = filtered.decompress(strings[:2], sizes[:2], 2.0, top_only=True)
+    assert torch.equal(middle, shown[1]) and len(calls) == 2
+    hook.remove()
 
 
 def test_configs_without_a_filter_load_as_before() -> None:

@@ -130,8 +130,10 @@ class Codec:
             )
 
     @torch.inference_mode()
-    def decode_layers(self, stream: bs.Bitstream, upto: int | None = None) -> list[torch.Tensor]:
-        """Reconstructions (unclamped) of layers 0..upto from a parsed stream."""
+    def decode_layers(self, stream: bs.Bitstream, upto: int | None = None, *,
+                      top_only: bool = False) -> list[torch.Tensor]:
+        """Reconstructions (unclamped) of layers 0..upto from a parsed stream, as shown
+        (`top_only`: [layer upto] alone, see `Compass.decompress`)."""
         self.check_stream(stream.header)
         n = stream.complete_layers if upto is None else upto + 1
         if n < 1 or n > stream.complete_layers:
@@ -143,7 +145,7 @@ class Codec:
         strings = [bs.unpack_strings(p) for p in stream.payloads[:n]]
         sizes = [(e.height, e.width) for e in list(table)[:n]]
         quality = stream.header.quality
-        return self.model.decompress(strings, sizes, quality)
+        return self.model.decompress(strings, sizes, quality, top_only=top_only)
 
     @torch.inference_mode()
     def decode(
@@ -176,7 +178,7 @@ class Codec:
             k = min(table.smallest_at_least(width), complete - 1)
         else:
             k = complete - 1
-        x = self.decode_layers(stream, k)[-1]
+        (x,) = self.decode_layers(stream, k, top_only=True)
         entry = table[k]
         if width is not None:
             tw, th = fit_width(header.width, header.height, width)

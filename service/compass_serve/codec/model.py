@@ -172,17 +172,21 @@ class Compass(nn.Module):
 
     @torch.no_grad()
     def decompress(
-        self, strings: list[list[bytes]], sizes: list[Size], quality: float
+        self, strings: list[list[bytes]], sizes: list[Size], quality: float, *,
+        top_only: bool = False,
     ) -> list[torch.Tensor]:
         """Decode layers 0..len(strings)-1; returns every layer's (unclamped) image as shown
-        (post-filtered where the model has a filter; the chain reads the unfiltered ones)."""
+        (post-filtered where the model has a filter; the chain reads the unfiltered ones).
+        `top_only`: a decoder that displays one layer returns [the top layer] alone, sparing
+        the post-filter on the layers below (the chain never reads it)."""
         x = self.base.codec.decompress(strings[0], sizes[0], quality)
         recons = [x]
-        for s, size in zip(strings[1:], sizes[1:], strict=True):
+        for i, (s, size) in enumerate(zip(strings[1:], sizes[1:], strict=True), 1):
             pred = self.enhancement.predict(x, size)
             x = pred + self.enhancement.residual.decompress(s, size, quality)
-            recons.append(self.enhancement.show(x, pred, quality))
-        return recons
+            if not top_only or i == len(strings) - 1:
+                recons.append(self.enhancement.show(x, pred, quality))
+        return recons[-1:] if top_only else recons
 
     @torch.no_grad()
     def upscale(self, x: torch.Tensor, size: Size) -> torch.Tensor:
