@@ -86,7 +86,6 @@ class PostFilter(nn.Module):
         return x + out
 
 
-
 def deepen(old: PostFilter, new: PostFilter) -> None:
     """Load `old` (trained) into `new`, a filter of the same width with more layers, so that `new`
     computes the same function: the old hidden convolutions come first, the added ones start as

@@ -80,8 +80,9 @@ PRESETS: dict[str, CompassConfig] = {
         _LITE, residual=replace(_LITE.residual, m=192, n_analysis=192, n_synthesis=128),
         post_filter=PostFilterConfig(channels=32, layers=3),
     ).with_lambdas(WIDE_LAMBDAS),
-    # pf32 with five convolutions (session 31): an 11-pixel receptive field for ~0.1 s more a Kodak
-    # decode; `train --stage filter --init-from lite` starts it as the shipped filter (`deepen`).
+    # pf32 with five convolutions (session 31): an 11-pixel receptive field for 0.06 s more a Kodak
+    # display decode; `train --stage filter --init-from lite` starts it as the shipped filter
+    # (`deepen`).
     "lite-wide-rc192-ga192-gs128-pf32x5": replace(
         _LITE, residual=replace(_LITE.residual, m=192, n_analysis=192, n_synthesis=128),
         post_filter=PostFilterConfig(channels=32, layers=5),
