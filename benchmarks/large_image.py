@@ -49,7 +49,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build(PRESETS[a.model])
         model.update()
-        codec = Codec(model, a.model, bytes(8))
+        codec = Codec(model, "random", bytes(8))  # a preset name may exceed a stream's 32 bytes
     else:
         model, info = load_model(a.model)
         codec = Codec.from_info(model, info)

@@ -157,8 +157,11 @@ def test_learning_curve_from_snapshots_reuses_measured_rows(tmp_path: Path,
         save_file(state_dict_for_save(model), str(snaps / f"joint-{step:06d}.safetensors"),
                   metadata={"stage": "joint", "step": str(step), "hours": str(hours)})
     out = tmp_path / "curve.png"
-    # The run's own record names its preset (the trainer writes it): no --preset needed.
-    (tmp_path / "run" / "progress.json").write_text(json.dumps({"preset": "tiny"}))
+    # The run's own record names its preset (the trainer writes it): no --preset needed. Preset
+    # names may run past a stream's 32-byte model field (session 31's did).
+    long = "tiny-" + "x" * 40
+    monkeypatch.setitem(PRESETS, long, PRESETS["tiny"])
+    (tmp_path / "run" / "progress.json").write_text(json.dumps({"preset": long}))
     rows = curve.learning_curve(tmp_path / "run", data, out, rate=0.5, limit=1)
     assert [(r["step"], r["hours"]) for r in rows] == [(100, 0.5), (200, 1.0)]
     assert all(len(r["points"]) == 4 and r["images"] == ["img0.png"] for r in rows)

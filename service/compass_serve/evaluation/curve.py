@@ -83,7 +83,9 @@ def snapshot_curve(run: Path, data: Path, rate: float, limit: int, preset: str =
             rows.append(_at_rate(old, rate))
             continue
         model = build(PRESETS[preset], load_file(str(snap)))
-        codec = Codec(model, preset, bytes(8))
+        # A stream's model field names a model-store entry (at most 32 bytes), not a preset:
+        # a snapshot is neither shipped nor decoded elsewhere, so it codes under a fixed name.
+        codec = Codec(model, "snapshot", bytes(8))
         points = []
         for q in range(1, codec.qualities + 1):
             rs, ps = [], []
