@@ -102,12 +102,68 @@ def test_decode_shows_filtered_layers_while_the_chain_reads_unfiltered_ones() ->
 def test_configs_without_a_filter_load_as_before() -> None:
     cfg = PRESETS["lite"]
     d = cfg.to_dict()
-    assert d["post_filter"] == {"channels": 0, "layers": 3}
+    assert d["post_filter"] == {"channels": 0, "layers": 3, "in_loop": False}
     del d["post_filter"]  # a manifest written before the filter existed
     assert CompassConfig.from_dict(d) == cfg
     assert Compass(cfg).enhancement.post_filter is None
     pf = PRESETS["lite-wide-rc192-ga192-gs128-pf32"]
     assert CompassConfig.from_dict(pf.to_dict()) == pf
+    del d  # a manifest written before `in_loop` existed reads as a filter outside the loop
+    old = pf.to_dict()
+    del old["post_filter"]["in_loop"]
+    assert CompassConfig.from_dict(old) == pf and not pf.post_filter.in_loop
+    il = PRESETS["lite-wide-rc192-ga192-gs128-pf32x5-il"]
+    assert CompassConfig.from_dict(il.to_dict()) == il and il.post_filter.in_loop
+
+
+def test_a_filter_in_the_loop_feeds_the_next_layer_on_both_sides() -> None:
+    cfg = replace(PRESETS["tiny"], post_filter=replace(PRESETS["tiny"].post_filter, in_loop=True))
+    torch.manual_seed(1)
+    looped = Compass(cfg).eval()
+    pf = trained_filter(cfg.post_filter.channels, cfg.post_filter.layers, len(cfg.lambdas))
+    looped.enhancement.post_filter = pf
+    shown_only = Compass(replace(cfg, post_filter=replace(cfg.post_filter, in_loop=False))).eval()
+    shown_only.load_state_dict(looped.state_dict())
+    looped.update()
+    shown_only.update()
+    images = [torch.rand(1, 3, 16, 24), torch.rand(1, 3, 32, 48), torch.rand(1, 3, 64, 96)]
+    sizes = [(t.shape[-2], t.shape[-1]) for t in images]
+    strings = looped.compress(images, 4.0)
+    # The encoder runs the filter: the top layer is coded against another prediction (at the
+    # top quality, where this random-weight residual codec codes more than zeros).
+    other = shown_only.compress(images, 4.0)
+    assert strings[:2] == other[:2] and strings[2] != other[2]
+    shown = looped.decompress(strings, sizes, 4.0)
+    # Layer 2 is predicted from layer 1 as shown, and shown through the filter itself.
+    pred = looped.enhancement.predict(shown[1], sizes[2])
+    x2 = pred + looped.enhancement.residual.decompress(strings[2], sizes[2], 4.0)
+    assert torch.allclose(shown[2], pf(x2, pred, 4.0), atol=1e-5)
+    # Decoding for display needs every filter on the way, and gives the same top layer.
+    calls: list[int] = []
+    hook = pf.net.register_forward_hook(lambda *_: calls.append(1))
+    (top,) = looped.decompress(strings, sizes, 4.0, top_only=True)
+    hook.remove()
+    assert torch.equal(top, shown[2]) and len(calls) == 2
+
+
+def test_training_through_a_filter_in_the_loop_reaches_the_filter() -> None:
+    """In the loop, the top layer's own reconstruction depends on the layer-1 filter, so a joint
+    loss on it trains the filter; outside the loop it cannot."""
+    for in_loop in (True, False):
+        cfg = replace(PRESETS["tiny"], post_filter=replace(PRESETS["tiny"].post_filter,
+                                                           in_loop=in_loop))
+        torch.manual_seed(2)
+        model = Compass(cfg).train()
+        assert model.enhancement.post_filter is not None
+        with torch.no_grad():
+            model.enhancement.post_filter.net[-1].weight.normal_(std=0.1)
+        images = [torch.rand(2, 3, 16, 16), torch.rand(2, 3, 32, 32), torch.rand(2, 3, 64, 64)]
+        outs = model(images, torch.tensor([0, 3]))
+        x_hat = outs[-1]["x_hat"]
+        assert isinstance(x_hat, torch.Tensor)
+        (x_hat - images[-1]).square().mean().backward()
+        grad = model.enhancement.post_filter.net[0].weight.grad
+        assert (grad is not None and bool(grad.any())) == in_loop
 
 
 def test_the_filter_stage_starts_from_weights_without_a_filter(
@@ -158,3 +214,12 @@ def test_the_filter_stage_starts_from_weights_without_a_filter(
     assert not torch.allclose(shown, x)
     assert torch.allclose(d.model.enhancement.post_filter(x, pred, 2.0), shown,  # type: ignore[misc]
                           atol=1e-6)
+    assert d.source_run is None  # deepened: Adam's moments no longer fit
+    # The same filter put in the loop is loaded as it is, Adam's moments and all.
+    monkeypatch.setitem(PRESETS, "tiny-il", replace(PRESETS["tiny"], post_filter=replace(
+        PRESETS["tiny"].post_filter, in_loop=True)))
+    il = Trainer(TrainArgs(stage="filter", preset="tiny-il", out=str(tmp_path / "e"),
+                           init_from=str(tmp_path / "b" / "last.safetensors"),
+                           **common))  # type: ignore[arg-type]
+    assert il.source_run is not None
+    assert torch.equal(il.model.enhancement.post_filter(x, pred, 2.0), shown)  # type: ignore[misc]

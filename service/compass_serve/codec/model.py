@@ -144,8 +144,19 @@ class Compass(nn.Module):
         """Training pass over a layer chain (smallest first) with noisy quantisation."""
         outs = [self.base(images[0], quality)]
         for image in images[1:]:
-            outs.append(self.enhancement(outs[-1]["x_hat"], image, quality))
+            outs.append(self.enhancement(self._chained(outs[-1], quality), image, quality))
         return outs
+
+    def _chained(self, out: dict[str, object], quality: torch.Tensor) -> torch.Tensor:
+        """What the next layer predicts from: the layer as shown where the filter is in the loop
+        (the base layer has no filter), else the unfiltered reconstruction."""
+        x = out["x_hat"]
+        assert isinstance(x, torch.Tensor)
+        if not self.cfg.post_filter.in_loop or "prediction" not in out:
+            return x
+        pred = out["prediction"]
+        assert isinstance(pred, torch.Tensor)
+        return self.enhancement.show(x, pred, quality)
 
     # -- real coding --------------------------------------------------------------------------
     def lambda_at(self, quality: float) -> float:
@@ -161,6 +172,7 @@ class Compass(nn.Module):
         """Entropy-code a layer chain; each layer is predicted from the DECODED layer below.
         `refine` optimises each layer's latent for that layer's own R + lambda * D, in order."""
         lam = self.lambda_at(quality)
+        in_loop = self.cfg.post_filter.in_loop
         coded = self.base.codec.compress(images[0], quality, lam, refine)
         strings, x_prev = [coded.strings], coded.x_hat
         for image in images[1:]:
@@ -168,6 +180,8 @@ class Compass(nn.Module):
             coded = self.enhancement.residual.compress(image - pred, quality, lam, refine)
             strings.append(coded.strings)
             x_prev = pred + coded.x_hat
+            if in_loop:
+                x_prev = self.enhancement.show(x_prev, pred, quality)
         return strings
 
     @torch.no_grad()
@@ -176,15 +190,20 @@ class Compass(nn.Module):
         top_only: bool = False,
     ) -> list[torch.Tensor]:
         """Decode layers 0..len(strings)-1; returns every layer's (unclamped) image as shown
-        (post-filtered where the model has a filter; the chain reads the unfiltered ones).
-        `top_only`: a decoder that displays one layer returns [the top layer] alone, sparing
-        the post-filter on the layers below (the chain never reads it)."""
+        (post-filtered where the model has a filter; the chain reads the unfiltered ones unless
+        the filter is in the loop). `top_only`: a decoder that displays one layer returns [the
+        top layer] alone, sparing the post-filter on the layers below where the chain does not
+        read it."""
+        in_loop = self.cfg.post_filter.in_loop
         x = self.base.codec.decompress(strings[0], sizes[0], quality)
         recons = [x]
         for i, (s, size) in enumerate(zip(strings[1:], sizes[1:], strict=True), 1):
             pred = self.enhancement.predict(x, size)
             x = pred + self.enhancement.residual.decompress(s, size, quality)
-            if not top_only or i == len(strings) - 1:
+            if in_loop:
+                x = self.enhancement.show(x, pred, quality)
+                recons.append(x)
+            elif not top_only or i == len(strings) - 1:
                 recons.append(self.enhancement.show(x, pred, quality))
         return recons[-1:] if top_only else recons
 

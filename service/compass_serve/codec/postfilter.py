@@ -8,6 +8,11 @@ filter (`channels` 0) decodes exactly as before. The quality the stream was code
 one constant input plane, because the artefacts to undo shrink as the rate grows (a filter
 blind to it smoothed high-quality layers and lost PSNR there).
 Its last convolution starts at zero: a fresh filter is the identity.
+
+`in_loop` moves the filter into the chain: the next layer's LIFF reads the filtered layer, a
+cleaner prediction source (a display-trained filter put in the loop unchanged saved 1.2 % of the
+top layer's bits on 6 Kodak images, most at low rates). Streams then depend on the filter, so it
+is a different codec: a preset of its own, whose weights get their own identity.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import nn
 class PostFilterConfig:
     channels: int = 0  # hidden channels; 0: no filter
     layers: int = 3    # 3x3 convolutions
+    in_loop: bool = False  # the next layer's prediction reads the filtered layer
 
 
 class PostFilter(nn.Module):

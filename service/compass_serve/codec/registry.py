@@ -87,6 +87,13 @@ PRESETS: dict[str, CompassConfig] = {
         _LITE, residual=replace(_LITE.residual, m=192, n_analysis=192, n_synthesis=128),
         post_filter=PostFilterConfig(channels=32, layers=5),
     ).with_lambdas(WIDE_LAMBDAS),
+    # pf32x5 with the filter in the loop (session 32): the next layer's LIFF reads the filtered
+    # layer. The shipped filter put in the loop unchanged saved 1.2 % of the top layer's bits on 6
+    # Kodak images; a display decode then filters every enhancement layer (+0.035 s on Kodak).
+    "lite-wide-rc192-ga192-gs128-pf32x5-il": replace(
+        _LITE, residual=replace(_LITE.residual, m=192, n_analysis=192, n_synthesis=128),
+        post_filter=PostFilterConfig(channels=32, layers=5, in_loop=True),
+    ).with_lambdas(WIDE_LAMBDAS),
     # The paper's sizes: mbt2018-mean N=128, M=192; RDN 64 ch, 4x4 convs, growth 32; MLP 4x256.
     "paper": CompassConfig(
         base=BackboneConfig(n=128, m=192),

@@ -205,7 +205,7 @@ class Trainer:
                 self.source_run = None
                 log.info("residual codec widened from %s to %s", source.residual, self.cfg.residual)
             if (source.post_filter.channels and self.cfg.post_filter.channels
-                    and source.post_filter != self.cfg.post_filter):
+                    and source.post_filter.layers != self.cfg.post_filter.layers):
                 state = self._deepen_filter(state, source)
                 self.source_run = None
                 log.info("post-filter deepened from %s to %s", source.post_filter,
