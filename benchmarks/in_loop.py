@@ -20,7 +20,7 @@ from compass_serve.codec.coder import Codec
 from compass_serve.codec.model import Compass
 from compass_serve.codec.registry import load_state
 from compass_serve.evaluation.bd import bd_rate
-from compass_serve.evaluation.run import code_compass, ladder_for
+from compass_serve.evaluation.run import LADDER, code_compass, ladder_for
 from compass_serve.imageio import load_rgb
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for i, path in enumerate(paths, 1):
         img = load_rgb(path)
-        lad = ladder_for(img, [img.width // 4, img.width // 2, img.width])
+        lad = ladder_for(img, [max(1, round(img.width * s)) for s in LADDER])  # the eval's
         for q in qualities:
             for k, codec in codecs.items():
                 points[k][q].append(code_compass(codec, img, lad, q)[-1])
